@@ -1,0 +1,41 @@
+"""Compute kernels and the single dispatch point between backends.
+
+``get_backend(name)`` returns a module exposing the kernel functions listed in
+:mod:`difnumpy.kernels.reference` (the NumPy twins that define them):
+
+- ``"numpy"``: :mod:`difnumpy.kernels.reference`, plain NumPy (the readable definition);
+- ``"cpu"``: :mod:`difnumpy.kernels.cpu`, ``numba.njit`` kernels;
+- ``"cuda"``: :mod:`difnumpy.kernels.cuda`, ``numba.cuda`` kernels (needs an NVIDIA GPU and numba-cuda,
+  or ``NUMBA_ENABLE_CUDASIM=1``).
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+BACKENDS = ("numpy", "cpu", "cuda")
+
+_MODULES = {"numpy": "reference", "cpu": "cpu", "cuda": "cuda"}
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it names a known backend, else raise ValueError."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def get_backend(backend: str = "cpu") -> ModuleType:
+    """Return the kernel module for ``backend`` ("numpy", "cpu" or "cuda").
+
+    Raises
+    ------
+    ValueError
+        If ``backend`` is not one of :data:`BACKENDS`.
+    RuntimeError
+        If ``backend="cuda"`` is asked for but no usable GPU / numba-cuda is present.
+    """
+    check_backend(backend)
+    if backend == "cuda":
+        from difnumpy.kernels import cuda  # noqa: F401  (raises a clear error itself if unusable)
+    return importlib.import_module(f"difnumpy.kernels.{_MODULES[backend]}")

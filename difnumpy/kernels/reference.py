@@ -1,0 +1,330 @@
+"""NumPy twins of every compute kernel.
+
+These functions *define* what the Numba (``cpu.py``) and CUDA (``cuda.py``) kernels must compute:
+each compiled kernel has a twin here with the same signature, and a test asserting that they agree.
+They are written for clarity first; the pure-NumPy backend (``backend="numpy"``) runs them directly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# ==== section: diffusion ====
+
+
+def q_sample(x0, noise, sqrt_ab, sqrt_1m_ab, out=None):
+    """Forward process, DDPM eq. 4: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
+
+    Parameters
+    ----------
+    x0, noise : ndarray, shape (N, M), float32 or float64
+    sqrt_ab, sqrt_1m_ab : ndarray, shape (N,), float64
+        Per-sample coefficients; cast to the dtype of ``x0`` before use.
+    out : ndarray, shape (N, M), dtype of x0, optional
+
+    Returns
+    -------
+    x_t : ndarray, shape (N, M), dtype of x0
+    """
+    a = sqrt_ab.astype(x0.dtype)[:, None]
+    b = sqrt_1m_ab.astype(x0.dtype)[:, None]
+    if out is None:
+        out = np.empty_like(x0)
+    np.multiply(a, x0, out=out)
+    out += b * noise
+    return out
+
+
+def sampler_update(x_t, model_output, noise, coef, clip_lo, clip_hi):
+    """One fused reverse step shared by DDPM and DDIM.
+
+    ``x0 = clip(A x_t + B model_output, clip_lo, clip_hi)`` then ``x_prev = C x0 + D x_t + E noise``,
+    with per-sample ``(A, B, C, D, E) = coef[n]``. Every step of DDPM (eq. 7, 11) and DDIM (eq. 12)
+    for every prediction type reduces to this form; :mod:`difnumpy.samplers` derives the coefficients.
+
+    Parameters
+    ----------
+    x_t, model_output, noise : ndarray, shape (N, M), float32 or float64 (one dtype)
+    coef : ndarray, shape (N, 5), float64
+    clip_lo, clip_hi : ndarray, shape (N,), float64 (``-inf``/``inf`` for no clipping)
+
+    Returns
+    -------
+    x_prev, x0_pred : ndarray, shape (N, M), dtype of x_t
+    """
+    c = coef.astype(x_t.dtype)
+    A, B, C, D, E = (c[:, k:k + 1] for k in range(5))
+    x0 = A * x_t + B * model_output
+    x0 = np.minimum(np.maximum(x0, clip_lo.astype(x_t.dtype)[:, None]), clip_hi.astype(x_t.dtype)[:, None])
+    x_prev = C * x0 + D * x_t + E * noise
+    return x_prev.astype(x_t.dtype, copy=False), x0.astype(x_t.dtype, copy=False)
+
+
+# ==== end section: diffusion ====
+
+# ==== section: nn ====
+#
+# Conventions shared by every backend (see the kernel API in the team spec):
+# - NCHW activations, conv weights (F, C, KH, KW); zero padding ``padding`` on all four sides;
+#   Ho = (H + 2*padding - KH) // stride + 1 (rows/columns that the last window does not reach are
+#   simply not used, as in PyTorch).
+# - float32 or float64 in, the same dtype out. Reductions (GroupNorm statistics, dgamma, dbeta,
+#   db) accumulate in float64 and are cast back to the input dtype.
+
+
+def _conv_windows(x: np.ndarray, kh: int, kw: int, stride: int, padding: int) -> np.ndarray:
+    """Strided view of the padded input: shape (N, C, Ho, Wo, KH, KW) (no copy beyond the pad)."""
+    if padding > 0:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
+    return win[:, :, ::stride, ::stride]
+
+
+def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    """2-D cross-correlation (a "convolution" in deep-learning usage), NCHW.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32 or float64
+    w : ndarray, shape (F, C, KH, KW), dtype of ``x``
+    b : ndarray, shape (F,), dtype of ``x``
+    stride : int >= 1
+    padding : int >= 0 (zeros, same on all sides)
+
+    Returns
+    -------
+    out : ndarray, shape (N, F, Ho, Wo), dtype of ``x``, C-contiguous.
+
+    Notes
+    -----
+    ``out[n, f, i, j] = b[f] + sum_{c, u, v} w[f, c, u, v] * xp[n, c, i*stride + u, j*stride + v]``
+    with ``xp`` the zero-padded input (im2col as a strided view, then one tensordot = one GEMM).
+    """
+    F, C, KH, KW = w.shape
+    win = _conv_windows(x, KH, KW, stride, padding)            # (N, C, Ho, Wo, KH, KW)
+    out = np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3]))   # (N, Ho, Wo, F)
+    out = out.transpose(0, 3, 1, 2) + b.reshape(1, F, 1, 1)
+    return np.ascontiguousarray(out, dtype=x.dtype)
+
+
+def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, stride: int,
+                          padding: int) -> np.ndarray:
+    """Gradient of :func:`conv2d_forward` with respect to its input ``x``.
+
+    Parameters
+    ----------
+    dout : ndarray, shape (N, F, Ho, Wo), float32 or float64
+    w : ndarray, shape (F, C, KH, KW), dtype of ``dout``
+    x_shape : tuple (N, C, H, W), the shape of the forward input
+    stride, padding : as in the forward pass
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C, H, W), dtype of ``dout``.
+
+    Notes
+    -----
+    ``dxp[n, c, i*stride + u, j*stride + v] += sum_f dout[n, f, i, j] * w[f, c, u, v]`` (col2im),
+    accumulated tap by tap over the padded input, then the padding is cropped off.
+    """
+    N, C, H, W = (int(s) for s in x_shape)
+    F, _, KH, KW = w.shape
+    Ho, Wo = dout.shape[2], dout.shape[3]
+    dxp = np.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=dout.dtype)
+    for u in range(KH):
+        for v in range(KW):
+            # (N, F, Ho, Wo) x (F, C) -> (N, Ho, Wo, C) -> (N, C, Ho, Wo)
+            contrib = np.tensordot(dout, w[:, :, u, v], axes=([1], [0])).transpose(0, 3, 1, 2)
+            dxp[:, :, u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride] += contrib
+    dx = dxp[:, :, padding:padding + H, padding:padding + W]
+    return np.ascontiguousarray(dx)
+
+
+def conv2d_backward_weight(dout: np.ndarray, x: np.ndarray, w_shape: tuple, stride: int,
+                           padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients of :func:`conv2d_forward` with respect to ``w`` and ``b``.
+
+    Parameters
+    ----------
+    dout : ndarray, shape (N, F, Ho, Wo), float32 or float64
+    x : ndarray, shape (N, C, H, W), the forward input, dtype of ``dout``
+    w_shape : tuple (F, C, KH, KW)
+    stride, padding : as in the forward pass
+
+    Returns
+    -------
+    dw : ndarray, shape (F, C, KH, KW), dtype of ``dout``
+    db : ndarray, shape (F,), dtype of ``dout``
+
+    Notes
+    -----
+    ``dw[f, c, u, v] = sum_{n, i, j} dout[n, f, i, j] * xp[n, c, i*stride + u, j*stride + v]``,
+    ``db[f] = sum_{n, i, j} dout[n, f, i, j]``.
+    """
+    F, C, KH, KW = (int(s) for s in w_shape)
+    win = _conv_windows(x, KH, KW, stride, padding)               # (N, C, Ho, Wo, KH, KW)
+    dw = np.tensordot(dout, win, axes=([0, 2, 3], [0, 2, 3]))     # (F, C, KH, KW)
+    db = dout.sum(axis=(0, 2, 3), dtype=np.float64)
+    return np.ascontiguousarray(dw, dtype=dout.dtype), db.astype(dout.dtype)
+
+
+def group_norm_silu_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, groups: int,
+                            eps: float, silu: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GroupNorm with per-channel affine, optionally followed by SiLU (fused).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32 or float64
+    gamma, beta : ndarray, shape (C,), dtype of ``x``
+    groups : int dividing C
+    eps : float
+    silu : bool, apply ``y * sigmoid(y)`` after the affine
+
+    Returns
+    -------
+    out : ndarray, shape (N, C, H, W), dtype of ``x``
+    mean : ndarray, shape (N, groups), dtype of ``x``
+    rstd : ndarray, shape (N, groups), dtype of ``x``, ``1 / sqrt(var + eps)`` (biased variance)
+
+    Notes
+    -----
+    Wu & He 2018, eq. (1)-(3): for the channels of group g,
+    ``y = (x - mean_g) * rstd_g * gamma[c] + beta[c]``; then ``out = y * sigmoid(y)`` if ``silu``
+    (Elfwing et al. 2018; Hendrycks & Gimpel's SiLU). Statistics accumulate in float64.
+    """
+    N, C, H, W = x.shape
+    xg = x.reshape(N, groups, -1)
+    mean64 = xg.mean(axis=2, dtype=np.float64)
+    var64 = xg.var(axis=2, dtype=np.float64)
+    mean = mean64.astype(x.dtype)
+    rstd = (1.0 / np.sqrt(var64 + eps)).astype(x.dtype)
+    xhat = ((xg - mean[:, :, None]) * rstd[:, :, None]).reshape(N, C, H, W)
+    y = xhat * gamma.reshape(1, C, 1, 1) + beta.reshape(1, C, 1, 1)
+    if silu:
+        y = y * _sigmoid(y)
+    return np.ascontiguousarray(y, dtype=x.dtype), mean, rstd
+
+
+def group_norm_silu_backward(dout: np.ndarray, x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
+                             mean: np.ndarray, rstd: np.ndarray, groups: int,
+                             silu: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward of :func:`group_norm_silu_forward`.
+
+    Parameters
+    ----------
+    dout : ndarray, shape (N, C, H, W), dtype of ``x``
+    x : ndarray, shape (N, C, H, W), the forward input
+    gamma, beta : ndarray, shape (C,)
+    mean, rstd : ndarray, shape (N, groups), as returned by the forward pass
+    groups : int
+    silu : bool, as in the forward pass
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C, H, W), dtype of ``x``
+    dgamma, dbeta : ndarray, shape (C,), dtype of ``x``
+
+    Notes
+    -----
+    With ``xhat = (x - mean) * rstd`` and ``y = gamma * xhat + beta``:
+    ``dy = dout * s * (1 + y * (1 - s))``, ``s = sigmoid(y)`` (or ``dy = dout`` without SiLU);
+    ``dgamma = sum_{n,h,w} dy * xhat``, ``dbeta = sum_{n,h,w} dy``; with ``g = dy * gamma`` and
+    means over the M = (C/groups)*H*W elements of a group,
+    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``.
+    """
+    N, C, H, W = x.shape
+    xg = x.reshape(N, groups, -1)
+    xhat = ((xg - mean[:, :, None]) * rstd[:, :, None]).reshape(N, C, H, W)
+    if silu:
+        y = xhat * gamma.reshape(1, C, 1, 1) + beta.reshape(1, C, 1, 1)
+        s = _sigmoid(y)
+        dy = dout * (s * (1.0 + y * (1.0 - s)))
+    else:
+        dy = dout
+    dgamma = (dy * xhat).sum(axis=(0, 2, 3), dtype=np.float64).astype(x.dtype)
+    dbeta = dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(x.dtype)
+    g = (dy * gamma.reshape(1, C, 1, 1)).reshape(N, groups, -1)
+    xhat_g = xhat.reshape(N, groups, -1)
+    mean_g = g.mean(axis=2, dtype=np.float64).astype(x.dtype)[:, :, None]
+    mean_gx = (g * xhat_g).mean(axis=2, dtype=np.float64).astype(x.dtype)[:, :, None]
+    dx = rstd[:, :, None] * (g - mean_g - xhat_g * mean_gx)
+    return np.ascontiguousarray(dx.reshape(N, C, H, W), dtype=x.dtype), dgamma, dbeta
+
+
+def _sigmoid(y: np.ndarray) -> np.ndarray:
+    """Logistic sigmoid ``1 / (1 + exp(-y)) = 0.5 + 0.5 * tanh(y / 2)`` (no overflow), dtype of ``y``."""
+    return 0.5 + 0.5 * np.tanh(0.5 * y)
+
+# ==== end section: nn ====
+
+# ==== section: optim ====
+
+def _check_adam_args(param, grad, m, v, step):
+    """Shared argument checks of ``adam_update`` (same rules for every backend)."""
+    for name, a in (("param", param), ("grad", grad), ("m", m), ("v", v)):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a numpy ndarray, got {type(a).__name__}")
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+        if a.dtype != param.dtype:
+            raise TypeError(f"{name} must have the dtype of param ({param.dtype}), got {a.dtype}")
+        if a.shape != param.shape:
+            raise ValueError(f"{name} must have the shape of param {param.shape}, got {a.shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+    if int(step) < 1:
+        raise ValueError(f"step must be the 1-based step count (>= 1), got {step}")
+
+
+def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """One bias-corrected Adam / AdamW step, in place on ``param``, ``m`` and ``v``.
+
+    Parameters
+    ----------
+    param : ndarray, any shape, float32 or float64, C-contiguous
+        Parameters, updated in place.
+    grad : ndarray, shape of ``param``, dtype of ``param``
+        Gradient of the loss with respect to ``param``.
+    m, v : ndarray, shape of ``param``, dtype of ``param``
+        First and second moment estimates, updated in place.
+    lr, beta1, beta2, eps, weight_decay : float
+        Learning rate, moment decay rates, denominator epsilon and decoupled weight decay.
+    step : int
+        1-based step count *after* increment (the first update uses ``step=1``).
+
+    Returns
+    -------
+    None
+
+    Notes
+    -----
+    Kingma & Ba 2015 (arXiv 1412.6980), Algorithm 1, with decoupled weight decay
+    (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 2):
+
+    .. math::
+        \\theta \\leftarrow \\theta - \\eta\\lambda\\theta, \\quad
+        m \\leftarrow \\beta_1 m + (1-\\beta_1) g, \\quad
+        v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2, \\\\
+        \\theta \\leftarrow \\theta - \\frac{\\eta}{1-\\beta_1^t}\\,
+            \\frac{m}{\\sqrt{v/(1-\\beta_2^t)} + \\epsilon}.
+
+    The per-element arithmetic is done in float64 and rounded to the arrays' dtype when stored, in
+    exactly this order on every backend (so the NumPy and Numba twins agree bit for bit). The update
+    uses the new moments before they are rounded.
+    """
+    _check_adam_args(param, grad, m, v, step)
+    lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)
+    step_size = lr / (1.0 - beta1 ** int(step))
+    bc2 = 1.0 - beta2 ** int(step)
+    p = param.astype(np.float64)
+    g = grad.astype(np.float64)
+    if wd != 0.0:
+        p = p - (lr * wd) * p
+    m_new = beta1 * m.astype(np.float64) + (1.0 - beta1) * g
+    v_new = beta2 * v.astype(np.float64) + (1.0 - beta2) * (g * g)
+    p = p - step_size * m_new / (np.sqrt(v_new / bc2) + eps)
+    param[...] = p
+    m[...] = m_new
+    v[...] = v_new
+
+
+# ==== end section: optim ====

@@ -1,0 +1,496 @@
+"""Reverse-process samplers: DDPM (Ho et al. 2020) and DDIM (Song et al. 2021).
+
+Each sampler has one step function (:func:`ddpm_step`, :func:`ddim_step`) that turns the model's
+output at timestep ``t`` into ``x_{prev_t}``. Both reduce to the same fused elementwise update
+(:func:`difnumpy.kernels.reference.sampler_update`)::
+
+    x0_pred = clip(A x_t + B model_output)          # predict x0 from the model output
+    x_prev  = C x0_pred + D x_t + E noise           # the step's mean plus its noise
+
+with per-sample coefficients derived here from the schedule. ``model`` is any callable
+``model(x_t, t_batch) -> output`` (a :class:`difnumpy.UNet`, or an analytic oracle in the tests).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Iterator
+
+import numpy as np
+
+from difnumpy._validation import as_generator, check_choice, check_float_array, check_rng_noise, check_timesteps
+from difnumpy.diffusion import _check_schedule
+from difnumpy.kernels import get_backend
+from difnumpy.schedules import Schedule
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+SPACINGS = ("leading", "trailing", "linspace")
+METHODS = ("ddpm", "ddim")
+
+
+def inference_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "leading",
+                        steps_offset: int = 0) -> np.ndarray:
+    """The timesteps a sampler visits, in descending order.
+
+    Parameters
+    ----------
+    num_train_timesteps : int
+        T, the schedule's length.
+    num_steps : int
+        S in [1, T].
+    spacing : {"leading", "trailing", "linspace"}
+        ``"leading"``: ``arange(S) * (T // S) + steps_offset`` (DDIM paper, diffusers' default);
+        ``"trailing"``: ``round(T - i T / S) - 1`` for i = 0..S-1 (Lin et al. 2023, Table 2), which always
+        starts at T-1; ``"linspace"``: ``round(linspace(0, T - 1, S))``.
+    steps_offset : int
+        Added to every "leading" timestep (diffusers' ``steps_offset``); must keep them <= T-1.
+
+    Returns
+    -------
+    timesteps : ndarray, shape (S,), int64
+        Exactly S distinct values in [0, T-1], descending.
+
+    Notes
+    -----
+    The trailing formula is written with an integer index rather than ``arange(T, 0, -T/S)``: the
+    float range yields S+1 entries, the last one -1, for some S (61, 103, 121 with T = 1000).
+    """
+    for name, v in (("num_train_timesteps", num_train_timesteps), ("num_steps", num_steps),
+                    ("steps_offset", steps_offset)):
+        if not isinstance(v, (numbers.Integral, np.integer)) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an integer, got {v!r}")
+    T, S = int(num_train_timesteps), int(num_steps)
+    if T < 1:
+        raise ValueError(f"num_train_timesteps must be >= 1, got {T}")
+    if not 1 <= S <= T:
+        raise ValueError(f"num_steps must lie in [1, num_train_timesteps={T}], got {S}")
+    check_choice(spacing, "spacing", SPACINGS)
+    if steps_offset != 0 and spacing != "leading":
+        raise ValueError(f"steps_offset applies to spacing='leading' only, got steps_offset={steps_offset} "
+                         f"with spacing={spacing!r}")
+    if spacing == "leading":
+        ts = np.arange(S, dtype=np.int64) * (T // S) + int(steps_offset)
+    elif spacing == "trailing":
+        ts = np.round(T - np.arange(S, dtype=np.float64) * (T / S)).astype(np.int64) - 1
+        ts = ts[::-1]
+    else:
+        ts = np.round(np.linspace(0, T - 1, S)).astype(np.int64)
+    if ts.min() < 0 or ts.max() > T - 1:
+        raise ValueError(f"steps_offset={steps_offset} moves the timesteps outside [0, {T - 1}] "
+                         f"(got [{ts.min()}, {ts.max()}])")
+    return np.ascontiguousarray(ts[::-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces of a step
+
+
+def _x0_coefficients(schedule: Schedule, tt: np.ndarray, prediction_type: str):
+    """(A, B) with ``x0 = A x_t + B model_output`` for each prediction type.
+
+    epsilon: DDPM eq. 15, ``x0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps``;
+    sample: the output is x0; v_prediction: ``x0 = sqrt(abar) x_t - sqrt(1 - abar) v`` (Salimans & Ho, App. D).
+    """
+    abar = schedule.alphas_cumprod[tt]
+    if prediction_type == "epsilon":
+        if np.any(abar == 0.0):
+            raise ValueError("prediction_type='epsilon' cannot recover x0 at a timestep with alphas_cumprod == 0 "
+                             "(zero terminal SNR); use prediction_type='v_prediction'")
+        return 1.0 / np.sqrt(abar), -np.sqrt(1.0 / abar - 1.0)
+    if prediction_type == "sample":
+        return np.zeros_like(abar), np.ones_like(abar)
+    return np.sqrt(abar), -np.sqrt(1.0 - abar)
+
+
+def _clip_bounds(x_t, model_output, A, B, *, clip_sample, clip_range, thresholding,
+                 dynamic_thresholding_ratio, sample_max_value):
+    """Per-sample clip bounds, and the rescaled (A, B) when dynamic thresholding is on.
+
+    Dynamic thresholding (Saharia et al. 2022, Imagen Sec. 2.3): s = the ``ratio`` percentile of
+    |x0_pred| per sample, clamped to [1, sample_max_value]; x0 <- clip(x0, -s, s) / s, which equals
+    clip(x0 / s, -1, 1), so it folds into the fused update by scaling A and B by 1/s.
+    """
+    n = x_t.shape[0]
+    if thresholding:
+        if not 0.0 < dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in (0, 1], got {dynamic_thresholding_ratio}")
+        if not sample_max_value >= 1.0:
+            raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value}")
+        x0 = (A.reshape((n,) + (1,) * (x_t.ndim - 1)) * x_t.astype(np.float64)
+              + B.reshape((n,) + (1,) * (x_t.ndim - 1)) * model_output.astype(np.float64))
+        s = np.quantile(np.abs(x0.reshape(n, -1)), dynamic_thresholding_ratio, axis=1)
+        s = np.clip(s, 1.0, sample_max_value)
+        return A / s, B / s, -np.ones(n), np.ones(n)
+    if clip_sample:
+        if not clip_range > 0:
+            raise ValueError(f"clip_range must be > 0, got {clip_range}")
+        return A, B, np.full(n, -float(clip_range)), np.full(n, float(clip_range))
+    return A, B, np.full(n, -np.inf), np.full(n, np.inf)
+
+
+def _check_step_inputs(schedule, model_output, x_t, t, noise, rng, prediction_type, out_channels_factor=1):
+    _check_schedule(schedule)
+    check_float_array(x_t, "x_t")
+    check_float_array(model_output, "model_output")
+    check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
+    check_rng_noise(rng, noise)
+    expect = (x_t.shape[0], x_t.shape[1] * out_channels_factor) + x_t.shape[2:] if x_t.ndim > 1 else x_t.shape
+    if model_output.shape != expect:
+        raise ValueError(f"model_output must have shape {expect} for x_t of shape {x_t.shape}, "
+                         f"got {model_output.shape}")
+    if noise is not None:
+        check_float_array(noise, "noise")
+        if noise.shape != x_t.shape:
+            raise ValueError(f"noise must have the shape of x_t {x_t.shape}, got {noise.shape}")
+    return check_timesteps(t, schedule.num_timesteps, x_t.shape[0], "t")
+
+
+def _prev_timesteps(t_arr, prev_t, schedule, n):
+    if prev_t is None:
+        return t_arr - 1
+    pt = check_timesteps(prev_t, schedule.num_timesteps, n, "prev_t", allow_minus_one=True)
+    if np.any(pt >= t_arr):
+        raise ValueError("prev_t must be smaller than t for every sample")
+    return pt
+
+
+def _fused_update(x_t, model_output, noise, A, B, C, D, E, lo, hi, backend):
+    n = x_t.shape[0]
+    dt = x_t.dtype
+    if noise is None:
+        # E is zero wherever noise is absent; any finite array of the right shape will do and
+        # x_t avoids allocating one (0 * x_t == 0 exactly).
+        noise = x_t
+    coef = np.stack([A, B, C, D, E], axis=1).astype(np.float64)
+    x_prev, x0 = get_backend(backend).sampler_update(
+        np.ascontiguousarray(x_t).reshape(n, -1), np.ascontiguousarray(model_output, dtype=dt).reshape(n, -1),
+        np.ascontiguousarray(noise, dtype=dt).reshape(n, -1), coef, lo, hi)
+    return x_prev.reshape(x_t.shape), x0.reshape(x_t.shape)
+
+
+def _draw_noise(noise, rng, x_t, needed: bool):
+    if noise is not None or not needed:
+        return noise
+    return as_generator(rng).standard_normal(x_t.shape, dtype=x_t.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# step functions
+
+
+def ddpm_step(schedule: Schedule, model_output: np.ndarray, t, x_t: np.ndarray, *, prev_t=None,
+              noise: np.ndarray | None = None, rng: np.random.Generator | None = None,
+              prediction_type: str = "epsilon", variance_type: str = "fixed_small", clip_sample: bool = True,
+              clip_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+              sample_max_value: float = 1.0, backend: str = "cpu"):
+    """One ancestral DDPM step ``x_t -> x_{prev_t}``.
+
+    Parameters
+    ----------
+    schedule : Schedule
+    model_output : ndarray, shape of x_t (or (N, 2C, ...) for ``variance_type="learned_range"``)
+        The model's prediction at ``t``: eps, x0 or v according to ``prediction_type``; with
+        learned_range the second half of the channels is the variance interpolation v in [-1, 1].
+    t : int or ndarray of int, shape (N,)
+    x_t : ndarray, shape (N, ...), float32 or float64
+    prev_t : int or ndarray of int, optional
+        Defaults to ``t - 1``. With skipped (respaced) steps the step uses
+        ``alpha = abar_t / abar_prev`` and ``beta = 1 - abar_t / abar_prev`` (improved-diffusion ``respace``).
+        ``-1`` means the final step, to clean data (``abar_prev = 1``); no noise is added there.
+    noise, rng :
+        The step's noise z, or the Generator it is drawn from (one or the other).
+    prediction_type : {"epsilon", "sample", "v_prediction"}
+    variance_type : {"fixed_small", "fixed_large", "learned_range"}
+        fixed_small: ``beta~ = (1 - abar_prev) / (1 - abar_t) beta`` (DDPM eq. 7);
+        fixed_large: ``beta``; learned_range: ``exp(f log beta + (1 - f) log beta~)`` with
+        ``f = (v + 1) / 2`` (Nichol & Dhariwal 2021, eq. 15).
+    clip_sample, clip_range : clip x0_pred to [-clip_range, clip_range].
+    thresholding, dynamic_thresholding_ratio, sample_max_value :
+        Imagen's dynamic thresholding of x0_pred (replaces clip_sample when on).
+    backend : {"numpy", "cpu", "cuda"}
+
+    Returns
+    -------
+    x_prev : ndarray, shape and dtype of x_t
+    x0_pred : ndarray, shape and dtype of x_t
+
+    Notes
+    -----
+    DDPM eq. 6-7 and Algorithm 2: ``x_{t-1} = mu~_t(x0_pred, x_t) + sigma_t z`` with
+    ``mu~ = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_prev) / (1 - abar_t) x_t``.
+    """
+    check_choice(variance_type, "variance_type", VARIANCE_TYPES)
+    factor = 2 if variance_type == "learned_range" else 1
+    if factor == 2 and x_t.ndim < 2:
+        raise ValueError("variance_type='learned_range' needs x_t with a channel axis (N, C, ...)")
+    tt = _check_step_inputs(schedule, model_output, x_t, t, noise, rng, prediction_type, factor)
+    n = x_t.shape[0]
+    pt = _prev_timesteps(tt, prev_t, schedule, n)
+    var_out = None
+    if factor == 2:
+        c = x_t.shape[1]
+        model_output, var_out = model_output[:, :c], model_output[:, c:]
+
+    abar_t = schedule.alphas_cumprod[tt]
+    final = pt < 0
+    abar_prev = np.where(final, 1.0, schedule.alphas_cumprod[np.maximum(pt, 0)])
+    alpha = abar_t / abar_prev
+    beta = 1.0 - alpha
+    coef1 = np.sqrt(abar_prev) * beta / (1.0 - abar_t)
+    coef2 = np.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar_t)
+    post_var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
+
+    A, B = _x0_coefficients(schedule, tt, prediction_type)
+    A, B, lo, hi = _clip_bounds(x_t, model_output, A, B, clip_sample=clip_sample, clip_range=clip_range,
+                                thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                                sample_max_value=sample_max_value)
+    noise = _draw_noise(noise, rng, x_t, needed=not np.all(final))
+    if variance_type == "learned_range":
+        # the step's variance varies per element: pre-scale the noise and use E = 1
+        # (log beta~ is clipped at the final step, where it is 0 and no noise is added anyway)
+        min_log = np.log(np.where(post_var > 0, post_var, schedule.posterior_variance[min(1, schedule.num_timesteps - 1)]))
+        max_log = np.log(beta)
+        shape = (n,) + (1,) * (x_t.ndim - 1)
+        frac = (var_out.astype(np.float64) + 1.0) / 2.0
+        log_var = frac * max_log.reshape(shape) + (1.0 - frac) * min_log.reshape(shape)
+        if noise is not None:
+            noise = (np.exp(0.5 * log_var) * noise).astype(x_t.dtype)
+        E = np.where(final, 0.0, 1.0)
+    else:
+        var = post_var if variance_type == "fixed_small" else beta
+        E = np.where(final, 0.0, np.sqrt(var))
+    return _fused_update(x_t, model_output, noise, A, B, coef1, coef2, E, lo, hi, backend)
+
+
+def ddim_step(schedule: Schedule, model_output: np.ndarray, t, prev_t, x_t: np.ndarray, *, eta: float = 0.0,
+              noise: np.ndarray | None = None, rng: np.random.Generator | None = None,
+              prediction_type: str = "epsilon", clip_sample: bool = True, clip_range: float = 1.0,
+              final_alpha_cumprod: float = 1.0, thresholding: bool = False,
+              dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0, backend: str = "cpu"):
+    """One DDIM step ``x_t -> x_{prev_t}`` (Song et al. 2021, eq. 12).
+
+    Parameters
+    ----------
+    schedule : Schedule
+    model_output : ndarray, shape of x_t
+    t : int or ndarray of int, shape (N,)
+    prev_t : int or ndarray of int, shape (N,)
+        The next timestep of the sampler's list; ``-1`` is the final step, where
+        ``abar_prev = final_alpha_cumprod`` (1.0: diffusers' ``set_alpha_to_one``).
+    x_t : ndarray, shape (N, ...), float32 or float64
+    eta : float >= 0
+        0 is the deterministic DDIM; 1 gives the DDPM posterior variance.
+    noise, rng : the noise z (used only when eta > 0), or the Generator it is drawn from.
+    prediction_type, clip_sample, clip_range, thresholding, ... : as in :func:`ddpm_step`.
+
+    Returns
+    -------
+    x_prev, x0_pred : ndarray, shape and dtype of x_t
+
+    Notes
+    -----
+    DDIM eq. 12: ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z``, with
+    eq. 16: ``sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)``.
+    eps is re-derived from the (clipped) x0_pred, ``eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``,
+    as improved-diffusion does; without clipping it equals the model's eps.
+    """
+    tt = _check_step_inputs(schedule, model_output, x_t, t, noise, rng, prediction_type)
+    n = x_t.shape[0]
+    if prev_t is None:
+        raise ValueError("prev_t is required for ddim_step (-1 for the final step)")
+    pt = _prev_timesteps(tt, prev_t, schedule, n)
+    if not (isinstance(eta, (numbers.Real, np.floating)) and eta >= 0 and np.isfinite(eta)):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if not 0.0 < final_alpha_cumprod <= 1.0:
+        raise ValueError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}")
+    abar_t = schedule.alphas_cumprod[tt]
+    abar_prev = np.where(pt < 0, float(final_alpha_cumprod), schedule.alphas_cumprod[np.maximum(pt, 0)])
+    sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * np.sqrt(1.0 - abar_t / abar_prev)
+    dir_coef = np.sqrt(np.maximum(1.0 - abar_prev - sigma ** 2, 0.0))
+    sa, s1ma = np.sqrt(abar_t), np.sqrt(1.0 - abar_t)
+    # x_prev = sqrt(abar_prev) x0 + dir_coef (x_t - sa x0) / s1ma + sigma z
+    C = np.sqrt(abar_prev) - dir_coef * sa / s1ma
+    D = dir_coef / s1ma
+    A, B = _x0_coefficients(schedule, tt, prediction_type)
+    A, B, lo, hi = _clip_bounds(x_t, model_output, A, B, clip_sample=clip_sample, clip_range=clip_range,
+                                thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                                sample_max_value=sample_max_value)
+    noise = _draw_noise(noise, rng, x_t, needed=bool(np.any(sigma > 0)))
+    return _fused_update(x_t, model_output, noise, A, B, C, D, sigma, lo, hi, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# loops
+
+
+_STEP_OPTIONS = {
+    "ddpm": {"prediction_type", "variance_type", "clip_sample", "clip_range", "thresholding",
+             "dynamic_thresholding_ratio", "sample_max_value"},
+    "ddim": {"prediction_type", "clip_sample", "clip_range", "final_alpha_cumprod", "thresholding",
+             "dynamic_thresholding_ratio", "sample_max_value"},
+}
+
+
+def sample_progressive(model: Callable, schedule: Schedule, shape, *, method: str = "ddpm",
+                       num_steps: int | None = None, eta: float = 0.0, spacing: str = "leading",
+                       steps_offset: int = 0, x_T: np.ndarray | None = None,
+                       rng: np.random.Generator | None = None, progress: bool = False,
+                       dtype=np.float32, backend: str = "cpu", **step_kw) -> Iterator[dict]:
+    """Run the reverse process, yielding after every step.
+
+    Parameters
+    ----------
+    model : callable
+        ``model(x_t, t_batch) -> output`` with ``t_batch`` an int64 array of shape (N,).
+    schedule : Schedule
+    shape : tuple of int
+        (N, ...) of the samples; must match ``x_T`` when that is given.
+    method : {"ddpm", "ddim"}
+    num_steps : int, optional
+        Number of steps S (default: T for DDPM, 50 for DDIM, capped at T). The timesteps come from
+        :func:`inference_timesteps`; ``prev_t`` is always the next entry of that list (-1 after the last).
+    eta : float
+        DDIM only (0 = deterministic).
+    spacing, steps_offset : see :func:`inference_timesteps`.
+    x_T : ndarray, optional
+        Starting noise; drawn from ``rng`` if not given (not both).
+    rng : numpy.random.Generator, optional
+    progress : bool
+        Show a tqdm progress bar.
+    dtype : float32 or float64
+        Dtype of x_T when it is drawn here.
+    **step_kw :
+        Passed to the step function (prediction_type, variance_type, clip_sample, ...).
+
+    Yields
+    ------
+    dict with ``"t"`` (int, the timestep just processed), ``"prev_t"`` (int, -1 after the last step),
+    ``"x_t"`` (the sample after the step, i.e. at ``prev_t``) and ``"x0_pred"``.
+    """
+    check_choice(method, "method", METHODS)
+    _check_schedule(schedule)
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+    unknown = set(step_kw) - _STEP_OPTIONS[method]
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) for method={method!r}: {sorted(unknown)}")
+    if method == "ddpm" and eta != 0.0:
+        raise ValueError("eta applies to method='ddim' only")
+    T = schedule.num_timesteps
+    if num_steps is None:
+        num_steps = T if method == "ddpm" else min(50, T)
+    timesteps = inference_timesteps(T, num_steps, spacing, steps_offset)
+    check_rng_noise(rng, x_T, "x_T")
+    if x_T is None:
+        try:
+            shape = tuple(int(s) for s in shape)
+        except TypeError:
+            raise TypeError(f"shape must be a tuple of ints, got {shape!r}") from None
+        if len(shape) < 1 or any(s < 1 for s in shape):
+            raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape}")
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        rng = as_generator(rng)
+        x = rng.standard_normal(shape, dtype=dtype)
+    else:
+        check_float_array(x_T, "x_T")
+        if shape is not None and tuple(shape) != x_T.shape:
+            raise ValueError(f"shape {tuple(shape)} does not match x_T.shape {x_T.shape}")
+        x = x_T.copy()
+        rng = as_generator(rng)
+    n = x.shape[0]
+    it = range(len(timesteps))
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"{method} sampling", unit="step")
+    for i in it:
+        t = int(timesteps[i])
+        prev_t = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
+        t_batch = np.full(n, t, dtype=np.int64)
+        out = model(x, t_batch)
+        if method == "ddpm":
+            x, x0 = ddpm_step(schedule, out, t_batch, x, prev_t=prev_t, rng=rng, backend=backend, **step_kw)
+        else:
+            x, x0 = ddim_step(schedule, out, t_batch, prev_t, x, eta=eta, rng=rng if eta > 0 else None,
+                              backend=backend, **step_kw)
+        yield {"t": t, "prev_t": prev_t, "x_t": x, "x0_pred": x0}
+
+
+def sample(model: Callable, schedule: Schedule, shape, *, method: str = "ddpm", num_steps: int | None = None,
+           eta: float = 0.0, spacing: str = "leading", x_T: np.ndarray | None = None,
+           rng: np.random.Generator | None = None, progress: bool = False, return_trajectory: bool = False,
+           **step_kw):
+    """Draw samples with DDPM or DDIM; see :func:`sample_progressive` for the arguments.
+
+    Returns
+    -------
+    x0 : ndarray, shape ``shape``
+        The final samples.
+    trajectory : list of dict, only with ``return_trajectory=True``
+        Every step's ``{"t", "prev_t", "x_t", "x0_pred"}``, returned as ``(x0, trajectory)``.
+    """
+    traj = [] if return_trajectory else None
+    x = None
+    for step in sample_progressive(model, schedule, shape, method=method, num_steps=num_steps, eta=eta,
+                                   spacing=spacing, x_T=x_T, rng=rng, progress=progress, **step_kw):
+        x = step["x_t"]
+        if traj is not None:
+            traj.append(step)
+    return (x, traj) if return_trajectory else x
+
+
+def ddim_invert(model: Callable, schedule: Schedule, x0: np.ndarray, num_steps: int, *,
+                spacing: str = "leading", steps_offset: int = 0, prediction_type: str = "epsilon",
+                progress: bool = False, return_trajectory: bool = False):
+    """Deterministic DDIM encoder ``x0 -> x_T``: the eta = 0 ODE run forwards.
+
+    Parameters
+    ----------
+    model : callable ``model(x_t, t_batch) -> output``
+    schedule : Schedule
+    x0 : ndarray, shape (N, ...), float32 or float64
+    num_steps : int
+        Use the same ``num_steps``, ``spacing`` and ``steps_offset`` to decode with
+        ``sample(..., method="ddim", eta=0, clip_sample=False, x_T=x_T)``.
+
+    Returns
+    -------
+    x_T : ndarray, shape and dtype of x0 (and the list of intermediate states with ``return_trajectory``)
+
+    Notes
+    -----
+    DDIM eq. 13 read as an ODE and integrated from t = 0 upwards (Song et al. 2021, Sec. 4.3): with the
+    current state at ``t_prev`` (clean data, ``abar = 1``, before the first step) and eps predicted by the
+    model at the next timestep t, ``x0 = (x - sqrt(1 - abar_prev) eps) / sqrt(abar_prev)`` and
+    ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
+    """
+    _check_schedule(schedule)
+    check_float_array(x0, "x0")
+    check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
+    timesteps = inference_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset)[::-1]
+    x = x0.copy()
+    n = x.shape[0]
+    abar_prev = 1.0
+    traj = [x] if return_trajectory else None
+    it = timesteps
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="ddim inversion", unit="step")
+    for t in it:
+        t = int(t)
+        t_batch = np.full(n, t, dtype=np.int64)
+        out = model(x, t_batch)
+        abar_t = float(schedule.alphas_cumprod[t])
+        # the model reads x as a sample at t: convert its output to eps there
+        if prediction_type == "epsilon":
+            eps = out
+        elif prediction_type == "sample":
+            eps = (x - np.sqrt(abar_t) * out) / np.sqrt(1.0 - abar_t)
+        else:
+            eps = np.sqrt(1.0 - abar_t) * x + np.sqrt(abar_t) * out
+        x0_pred = (x - np.sqrt(1.0 - abar_prev) * eps) / np.sqrt(abar_prev)
+        x = (np.sqrt(abar_t) * x0_pred + np.sqrt(1.0 - abar_t) * eps).astype(x0.dtype, copy=False)
+        abar_prev = abar_t
+        if traj is not None:
+            traj.append(x)
+    return (x, traj) if return_trajectory else x
