@@ -1,0 +1,458 @@
+"""Safe, atomic training checkpoints in a single ``.npz`` file (no pickle).
+
+Layout of the file (every entry a plain numeric array; loaded with ``allow_pickle=False``):
+
+==========================  =====================================================================
+``format_version``          0-d int64, :data:`FORMAT_VERSION`
+``meta``                    uint8 array: UTF-8 JSON with the model class and config, the trainer
+                            hyperparameters, the schedule name, the EMA decay and update count, the
+                            step, the parameter shapes/dtypes and the rng's bit-generator state
+                            (big integers written as decimal strings)
+``step``                    0-d int64, number of updates applied
+``schedule/betas``          (T,) float64
+``params/<key>``            the model's parameters
+``ema/<key>``               the EMA parameters
+``optim/m/<key>``,          Adam's moment estimates
+``optim/v/<key>``
+``optim/<scalar>``          0-d arrays: step, lr, beta1, beta2, eps, weight_decay
+==========================  =====================================================================
+
+Saving writes to a temporary file in the destination directory, flushes and fsyncs it, then
+``os.replace`` s it over the destination: a crash mid-save leaves the previous checkpoint intact.
+Loading checks the file's magic bytes, every key, shape and dtype against the model rebuilt from the
+stored config, and raises ``ValueError`` (or ``OSError`` / ``FileNotFoundError``) naming the problem;
+a file holding pickled data is refused, never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from difnumpy.kernels import check_backend
+from difnumpy.schedules import Schedule
+from difnumpy.trainer import Trainer
+
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model", "read_checkpoint"]
+
+#: Version of the on-disk layout; bumped on incompatible changes.
+FORMAT_VERSION = 1
+_FORMAT_NAME = "difnumpy-checkpoint"
+_ZIP_MAGIC = b"PK\x03\x04"
+_OPTIM_SCALARS = ("step", "lr", "beta1", "beta2", "eps", "weight_decay")
+_HPARAM_KEYS = ("lr", "ema_decay", "prediction_type", "weight_decay", "grad_clip", "warmup_steps",
+                "optimizer", "betas", "eps", "backend")
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON helpers (rng state with big ints, numpy scalars/dtypes in configs)
+# --------------------------------------------------------------------------------------------------
+
+def _encode_state(obj: Any) -> Any:
+    """Bit-generator state -> JSON-able: ints become {"__int__": "decimal"}, arrays {"__ndarray__": [...]}."""
+    if isinstance(obj, dict):
+        return {str(k): _encode_state(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": [str(int(x)) for x in obj.ravel()], "dtype": obj.dtype.name,
+                "shape": list(obj.shape)}
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return {"__int__": str(int(obj))}
+    if isinstance(obj, str):
+        return obj
+    raise TypeError(f"cannot store rng state entry of type {type(obj).__name__}")
+
+
+def _decode_state(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__int__"}:
+            return int(obj["__int__"])
+        if "__ndarray__" in obj:
+            dtype = np.dtype(obj["dtype"])
+            if dtype.kind not in "ui":
+                raise ValueError(f"rng state array has dtype {dtype}, expected an integer dtype")
+            return np.array([int(s) for s in obj["__ndarray__"]], dtype=dtype).reshape(obj["shape"])
+        return {k: _decode_state(v) for k, v in obj.items()}
+    if isinstance(obj, (str, bool)):
+        return obj
+    raise ValueError(f"unexpected rng state entry {obj!r}")
+
+
+def rng_to_json(rng: np.random.Generator) -> dict:
+    """The generator's bit-generator state as a JSON-able dict (big ints as decimal strings)."""
+    return _encode_state(rng.bit_generator.state)
+
+
+def rng_from_json(state: dict) -> np.random.Generator:
+    """Rebuild a Generator from :func:`rng_to_json` output (only NumPy's own bit generators)."""
+    decoded = _decode_state(state)
+    name = decoded.get("bit_generator") if isinstance(decoded, dict) else None
+    if name not in _BIT_GENERATORS:
+        raise ValueError(f"rng state names bit generator {name!r}; supported: {_BIT_GENERATORS}")
+    bg = getattr(np.random, name)()
+    bg.state = decoded
+    return np.random.Generator(bg)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.dtype):
+        return obj.name
+    if isinstance(obj, type) and issubclass(obj, np.generic):
+        return np.dtype(obj).name
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot store config value of type {type(obj).__name__} in a checkpoint")
+
+
+def _json_to_array(obj: Any) -> np.ndarray:
+    data = json.dumps(obj, default=_json_default, sort_keys=True, allow_nan=True).encode("utf-8")
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+def _config_from_json(config: dict) -> dict:
+    # JSON turns tuples into lists; model constructors take tuples (e.g. channel_mults).
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model classes a checkpoint may name (a file never makes us import arbitrary code)
+# --------------------------------------------------------------------------------------------------
+
+def _known_model_class(name: str):
+    if name == "difnumpy.nn.unet.UNet":
+        from difnumpy.nn.unet import UNet
+
+        return UNet
+    raise ValueError(f"checkpoint names model class {name!r}; only 'difnumpy.nn.unet.UNet' is known "
+                     f"(pass model_cls= to load another class)")
+
+
+def _class_path(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+
+def _trainer_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"trainer must be a difnumpy Trainer, got {type(trainer).__name__}")
+    model = trainer.model
+    params = model.params
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        raise TypeError(f"trainer.model must have a .config dict, got {type(model).__name__}")
+    opt_state = trainer.optimizer.state_dict()
+    meta = {
+        "format": _FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_class": _class_path(type(model)),
+        "model_config": config,
+        "trainer": trainer.hparams(),
+        "schedule": {"name": trainer.schedule.name, "num_timesteps": trainer.schedule.num_timesteps},
+        "ema": {"decay": trainer.ema.decay, "num_updates": trainer.ema.num_updates},
+        "step": trainer.step_count,
+        "params": {k: {"shape": list(p.shape), "dtype": p.dtype.name} for k, p in params.items()},
+        "rng": rng_to_json(trainer.rng),
+    }
+    arrays: dict[str, np.ndarray] = {
+        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+        "meta": _json_to_array(meta),
+        "step": np.array(trainer.step_count, dtype=np.int64),
+        "schedule/betas": np.asarray(trainer.schedule.betas, dtype=np.float64),
+    }
+    for k, p in params.items():
+        arrays[f"params/{k}"] = p
+        arrays[f"ema/{k}"] = trainer.ema.params[k]
+        arrays[f"optim/m/{k}"] = opt_state[f"m/{k}"]
+        arrays[f"optim/v/{k}"] = opt_state[f"v/{k}"]
+    arrays["optim/step"] = np.array(opt_state["step"], dtype=np.int64)
+    for s in _OPTIM_SCALARS[1:]:
+        arrays[f"optim/{s}"] = np.array(opt_state[s], dtype=np.float64)
+    return arrays
+
+
+def save_checkpoint(path: str | os.PathLike, trainer: Trainer) -> str:
+    """Save everything needed to resume ``trainer`` bit for bit into one ``.npz`` file, atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Destination file (written exactly there; no ``.npz`` suffix is appended). Its directory must exist.
+    trainer : Trainer
+
+    Returns
+    -------
+    str
+        The path written.
+
+    Notes
+    -----
+    The arrays are written with ``np.savez(..., allow_pickle=False)`` to a temporary file in the same
+    directory, flushed and fsynced, then moved over ``path`` with ``os.replace`` (atomic on POSIX and
+    Windows); on any error the temporary file is removed and an existing ``path`` is left untouched.
+    """
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save checkpoint {path!r}: directory {directory!r} does not exist")
+    arrays = _trainer_arrays(trainer)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, allow_pickle=False, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable (best effort; not possible on every platform)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+def _read_arrays(path: str) -> dict[str, np.ndarray]:
+    """All arrays of the .npz at ``path``, refusing anything that is not a plain numeric .npz."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise OSError(f"checkpoint path {path!r} is not a regular file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"checkpoint file {path!r} is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(_ZIP_MAGIC):
+        if head[:1] == b"\x80":
+            kind = "a Python pickle; refused (pickles are never loaded)"
+        elif head.startswith(b"\x93NUMPY"):
+            kind = "a single .npy array, not an .npz checkpoint"
+        else:
+            kind = f"not an .npz archive (starts with {head[:4]!r})"
+        raise ValueError(f"checkpoint file {path!r} is {kind}")
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for name in z.files:
+                arrays[name] = z[name]
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise ValueError(f"checkpoint file {path!r} holds pickled object arrays; refused "
+                             f"(loaded with allow_pickle=False): {e}") from None
+        raise ValueError(f"checkpoint file {path!r} is corrupted or truncated: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, OSError, KeyError, ... from a damaged file
+        raise ValueError(f"checkpoint file {path!r} is corrupted or truncated "
+                         f"({type(e).__name__}: {e})") from None
+    for name, a in arrays.items():
+        if a.dtype.hasobject:  # pragma: no cover (np.load refuses these already)
+            raise ValueError(f"checkpoint file {path!r} entry {name!r} holds Python objects; refused")
+    return arrays
+
+
+def _read_meta(path: str, arrays: dict) -> dict:
+    for key in ("format_version", "meta"):
+        if key not in arrays:
+            raise ValueError(f"checkpoint file {path!r} has no {key!r} entry; not a difnumpy checkpoint "
+                             f"(entries: {sorted(arrays)[:8]})")
+    fv = arrays["format_version"]
+    if fv.shape != () or fv.dtype.kind not in "iu":
+        raise ValueError(f"checkpoint file {path!r}: format_version must be a 0-d integer, got {fv.dtype} {fv.shape}")
+    if int(fv) != FORMAT_VERSION:
+        raise ValueError(f"checkpoint file {path!r} has format version {int(fv)}; this difnumpy reads "
+                         f"version {FORMAT_VERSION}")
+    raw = arrays["meta"]
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ValueError(f"checkpoint file {path!r}: 'meta' must be a 1-D uint8 array, got {raw.dtype} {raw.shape}")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint file {path!r}: 'meta' is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
+        raise ValueError(f"checkpoint file {path!r}: 'meta' is not a {_FORMAT_NAME} header")
+    for key in ("model_class", "model_config", "trainer", "schedule", "ema", "step", "params", "rng"):
+        if key not in meta:
+            raise ValueError(f"checkpoint file {path!r}: 'meta' lacks the {key!r} field")
+    if not isinstance(meta["params"], dict) or not meta["params"]:
+        raise ValueError(f"checkpoint file {path!r}: 'meta' lists no parameters")
+    if not isinstance(meta["model_config"], dict):
+        raise ValueError(f"checkpoint file {path!r}: model_config must be a JSON object")
+    return meta
+
+
+def _check_entries(path: str, arrays: dict, meta: dict) -> None:
+    keys = list(meta["params"])
+    expected = {"format_version", "meta", "step", "schedule/betas"}
+    expected |= {f"optim/{s}" for s in _OPTIM_SCALARS}
+    for k in keys:
+        expected |= {f"params/{k}", f"ema/{k}", f"optim/m/{k}", f"optim/v/{k}"}
+    missing = sorted(expected - set(arrays))
+    extra = sorted(set(arrays) - expected)
+    if missing or extra:
+        raise ValueError(f"checkpoint file {path!r} has the wrong entries: missing {missing[:6]}"
+                         f"{' ...' if len(missing) > 6 else ''}, unexpected {extra[:6]}"
+                         f"{' ...' if len(extra) > 6 else ''}")
+    for k in keys:
+        info = meta["params"][k]
+        shape, dtype = tuple(info["shape"]), np.dtype(info["dtype"])
+        for prefix in ("params", "ema", "optim/m", "optim/v"):
+            a = arrays[f"{prefix}/{k}"]
+            if a.shape != shape or a.dtype != dtype:
+                raise ValueError(f"checkpoint file {path!r}: {prefix}/{k} is {a.dtype} {a.shape}, "
+                                 f"the header says {dtype} {shape}")
+    for name in ("step", "optim/step"):
+        a = arrays[name]
+        if a.shape != () or a.dtype.kind not in "iu":
+            raise ValueError(f"checkpoint file {path!r}: {name!r} must be a 0-d integer, got {a.dtype} {a.shape}")
+    if not (int(arrays["step"]) == int(arrays["optim/step"]) == meta["step"]):
+        raise ValueError(f"checkpoint file {path!r}: inconsistent step counts (step={int(arrays['step'])}, "
+                         f"optim/step={int(arrays['optim/step'])}, meta={meta['step']})")
+    betas = arrays["schedule/betas"]
+    if betas.ndim != 1 or betas.dtype != np.float64:
+        raise ValueError(f"checkpoint file {path!r}: schedule/betas must be a 1-D float64 array, "
+                         f"got {betas.dtype} {betas.shape}")
+
+
+def _build_model(path: str, meta: dict, arrays: dict, prefix: str, model_cls=None, backend=None):
+    cls = model_cls if model_cls is not None else _known_model_class(meta["model_class"])
+    config = _config_from_json(meta["model_config"])
+    if backend is not None:
+        config["backend"] = check_backend(backend)
+    try:
+        model = cls(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint file {path!r}: its model config {meta['model_config']} does not "
+                         f"build a {cls.__name__}: {e}") from None
+    params = model.params
+    stored = set(meta["params"])
+    if set(params) != stored:
+        raise ValueError(f"checkpoint file {path!r} does not match the model built from its config: "
+                         f"missing {sorted(set(params) - stored)[:5]}, unexpected {sorted(stored - set(params))[:5]}")
+    for k, p in params.items():
+        a = arrays[f"{prefix}/{k}"]
+        if a.shape != p.shape or a.dtype != p.dtype:
+            raise ValueError(f"checkpoint file {path!r}: {prefix}/{k} is {a.dtype} {a.shape} but the model "
+                             f"built from its config has {p.dtype} {p.shape} (another config?)")
+    for k, p in params.items():
+        p[...] = arrays[f"{prefix}/{k}"]
+    return model
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Read and validate a checkpoint file: returns ``(meta, arrays)`` (the JSON header and all arrays).
+
+    Raises
+    ------
+    FileNotFoundError, OSError
+        Missing path, or not a regular file.
+    ValueError
+        Empty, truncated, corrupted, pickled, foreign or inconsistent file; the message names the problem.
+    """
+    path = os.fspath(path)
+    arrays = _read_arrays(path)
+    meta = _read_meta(path, arrays)
+    _check_entries(path, arrays, meta)
+    return meta, arrays
+
+
+def load_checkpoint(path: str | os.PathLike, *, model_cls=None, backend: str | None = None) -> Trainer:
+    """Rebuild a :class:`~difnumpy.trainer.Trainer` from :func:`save_checkpoint` output, ready to continue.
+
+    Model parameters, EMA parameters, optimizer moments and step count, the schedule, the
+    hyperparameters and the rng state are restored, so that further ``trainer.step`` calls give
+    bit-for-bit the results an uninterrupted run would have given.
+
+    Parameters
+    ----------
+    path : str or path-like
+    model_cls : class, optional
+        Model class to rebuild (``model_cls(**config)``); by default the one the file names, which must
+        be :class:`difnumpy.nn.unet.UNet`.
+    backend : {"numpy", "cpu", "cuda"}, optional
+        Kernel backend of the rebuilt model and optimizer instead of the stored one (e.g. resume on
+        the CPU a run started on a GPU).
+
+    Raises
+    ------
+    FileNotFoundError, OSError, ValueError
+        See :func:`read_checkpoint`; also when the arrays do not fit the model built from the stored config.
+    """
+    path = os.fspath(path)
+    meta, arrays = read_checkpoint(path)
+    model = _build_model(path, meta, arrays, "params", model_cls, backend)
+    try:
+        schedule = Schedule(arrays["schedule/betas"], name=meta["schedule"].get("name"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint file {path!r}: invalid schedule: {e}") from None
+    hp = meta["trainer"]
+    if not isinstance(hp, dict) or set(hp) != set(_HPARAM_KEYS):
+        raise ValueError(f"checkpoint file {path!r}: trainer hyperparameters must have the keys "
+                         f"{sorted(_HPARAM_KEYS)}, got {sorted(hp) if isinstance(hp, dict) else hp!r}")
+    try:
+        rng = rng_from_json(meta["rng"])
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"checkpoint file {path!r}: invalid rng state: {e}") from None
+    kw = dict(hp)
+    kw["betas"] = tuple(kw["betas"])
+    if backend is not None:
+        kw["backend"] = backend
+    try:
+        trainer = Trainer(model, schedule, rng=rng, **kw)
+        opt_state = {s: arrays[f"optim/{s}"] for s in _OPTIM_SCALARS}
+        for k in meta["params"]:
+            opt_state[f"m/{k}"] = arrays[f"optim/m/{k}"]
+            opt_state[f"v/{k}"] = arrays[f"optim/v/{k}"]
+        trainer.optimizer.load_state_dict(opt_state)
+        ema_state = {"decay": meta["ema"]["decay"], "num_updates": meta["ema"]["num_updates"]}
+        ema_state.update({f"params/{k}": arrays[f"ema/{k}"] for k in meta["params"]})
+        trainer.ema.load_state_dict(ema_state)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint file {path!r}: cannot restore the trainer: {e}") from None
+    return trainer
+
+
+def load_model(path: str | os.PathLike, ema: bool = True, *, model_cls=None, backend: str | None = None):
+    """Load the model of a checkpoint for sampling: the EMA parameters (``ema=True``) or the raw ones.
+
+    ``model_cls`` and ``backend`` as in :func:`load_checkpoint`.
+
+    Raises
+    ------
+    FileNotFoundError, OSError, ValueError
+        See :func:`read_checkpoint`.
+    """
+    if not isinstance(ema, (bool, np.bool_)):
+        raise TypeError(f"ema must be a bool, got {type(ema).__name__}")
+    path = os.fspath(path)
+    meta, arrays = read_checkpoint(path)
+    return _build_model(path, meta, arrays, "ema" if ema else "params", model_cls, backend)

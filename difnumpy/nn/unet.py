@@ -1,0 +1,494 @@
+"""A small convolutional U-Net (the noise predictor ``eps_theta(x_t, t)``) with hand-written backprop.
+
+The architecture is part of the reference (issue 3); with ``C = base_channels``:
+
+- time embedding: ``sinusoidal(t, C) -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C) = temb``;
+- stem: ``Conv3x3(in_channels -> C)``, padding 1;
+- down path: for each level ``i`` (``C * channel_mults[i]`` channels) ``num_res_blocks`` ResBlocks, each
+  output kept as a skip; between levels a Downsample = ``Conv3x3``, stride 2, padding 1, channels kept;
+- middle: one ResBlock at the lowest level;
+- up path, levels in reverse: ``num_res_blocks`` times ``h = ResBlock(concat(h, skips.pop()))``;
+  between levels an Upsample = nearest x2 then ``Conv3x3`` (channels kept);
+- out: ``GroupNorm -> SiLU -> Conv3x3(C -> in_channels)``;
+- ``ResBlock(ci -> co)``: ``h = Conv3x3(SiLU(GN(x)))``; ``h += Linear(4C -> co)(SiLU(temb))`` broadcast
+  over H, W; ``h = Conv3x3(SiLU(GN(h)))``; ``out = h + (Conv1x1(x) if ci != co else x)``.
+
+This is the DDPM U-Net of Ho et al. 2020 (appendix B) without attention and dropout, at a small
+size: the default (``in_channels=1``) has exactly 410,721 parameters.
+
+Parameter keys (stable, in forward order), e.g. for the default model::
+
+    time.lin1.{w,b}  time.lin2.{w,b}  stem.{w,b}
+    down.0.res.0.{norm1.gamma, norm1.beta, conv1.w, conv1.b, temb.w, temb.b,
+                  norm2.gamma, norm2.beta, conv2.w, conv2.b[, skip.w, skip.b]}
+    down.0.downsample.{w,b}  down.1.res.0.*  mid.res.*  up.1.res.0.*  up.1.upsample.{w,b}
+    up.0.res.0.*  out.norm.{gamma,beta}  out.conv.{w,b}
+
+Initialisation (from the explicit ``rng``): PyTorch's defaults for conv and linear layers
+(``kaiming_uniform_(a=sqrt(5))``, i.e. weights and biases ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``),
+GroupNorm ``gamma = 1, beta = 0``; and, as in the DDPM reference code, the last conv of every
+ResBlock (``conv2``) and the output conv start at zero, so that each ResBlock starts as its
+skip path and the untrained model predicts 0. Draws are made in float64 and cast, so the same
+seed gives the same parameters (to rounding) in float32 and float64.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from difnumpy.kernels import check_backend, get_backend
+from difnumpy.nn import layers as L
+
+__all__ = ["UNet"]
+
+GN_EPS = 1e-5
+"""The GroupNorm epsilon (PyTorch's default)."""
+
+_RES_KEYS = ("norm1.gamma", "norm1.beta", "conv1.w", "conv1.b", "temb.w", "temb.b",
+             "norm2.gamma", "norm2.beta", "conv2.w", "conv2.b")
+
+
+def _as_int(name: str, v, minimum: int) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return int(v)
+
+
+def _as_dtype(dtype) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from e
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _as_rng(rng) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_))):
+        if rng is not None and rng < 0:
+            raise ValueError(f"rng must be a non-negative int seed, None or a numpy Generator, got {rng}")
+        return np.random.default_rng(rng)
+    raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+
+
+class UNet:
+    """The reference U-Net ``eps_theta(x_t, t)`` (see the module docstring for the architecture).
+
+    Parameters
+    ----------
+    in_channels : int >= 1, image channels (also the output channels)
+    base_channels : int, even, >= 2 (``C``; the time embedding has dimension C, temb 4C)
+    channel_mults : sequence of int >= 1, one per resolution level
+    num_res_blocks : int >= 1, ResBlocks per level (down and up)
+    groups : int, GroupNorm groups; must divide every normalised channel count
+    dtype : float32 or float64, dtype of the parameters and activations
+    rng : numpy.random.Generator, int seed or None, for the initial parameters
+    backend : {"numpy", "cpu", "cuda"}, kernels for conv and GroupNorm(+SiLU)
+
+    Attributes
+    ----------
+    params : dict[str, ndarray], stable keys in forward order, arrays of ``dtype``
+    config : dict, plain JSON-able; ``UNet(**model.config)`` rebuilds the architecture
+    backend : str, settable (switches the kernels; parameters are unchanged)
+
+    Notes
+    -----
+    ``forward(x, t)`` accepts ``x`` of shape (N, in_channels, H, W) with H and W divisible by
+    ``2 ** (len(channel_mults) - 1)`` (e.g. 8x8 or 28x28 for two levels); ``x`` is cast to the
+    model's dtype and the output has the model's dtype. ``t`` holds integer timesteps >= 0, shape
+    (N,), or one int for the whole batch. The timestep embedding is computed in float64 and cast.
+    """
+
+    def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: Sequence[int] = (1, 2),
+                 num_res_blocks: int = 1, groups: int = 8, dtype=np.float32, rng=None, backend: str = "cpu"):
+        self.in_channels = _as_int("in_channels", in_channels, 1)
+        self.base_channels = _as_int("base_channels", base_channels, 2)
+        if self.base_channels % 2:
+            raise ValueError(f"base_channels must be even (it is the sinusoidal embedding's dimension), "
+                             f"got {base_channels}")
+        if isinstance(channel_mults, (str, bytes)) or not isinstance(channel_mults, Sequence) \
+                or len(channel_mults) == 0:
+            raise TypeError(f"channel_mults must be a non-empty sequence of ints, got {channel_mults!r}")
+        self.channel_mults = tuple(_as_int(f"channel_mults[{i}]", m, 1) for i, m in enumerate(channel_mults))
+        self.num_res_blocks = _as_int("num_res_blocks", num_res_blocks, 1)
+        self.groups = _as_int("groups", groups, 1)
+        self.dtype = _as_dtype(dtype)
+        self.backend = backend          # validates and resolves the kernel module
+        rng = _as_rng(rng)
+
+        self._build_plan()
+        bad = sorted({c for c in self._norm_channels if c % self.groups})
+        if bad:
+            raise ValueError(f"groups={self.groups} must divide every GroupNorm channel count "
+                             f"{sorted(set(self._norm_channels))}; it does not divide {bad}")
+        self.params: dict[str, np.ndarray] = {}
+        self._init_params(rng)
+
+    # ---------------------------------------------------------------- construction
+
+    @property
+    def backend(self) -> str:
+        """The kernel backend: "numpy" (NumPy twins), "cpu" (numba) or "cuda"."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        check_backend(name)
+        self._kern = get_backend(name)
+        self._backend = name
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mults)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """A plain JSON-able dict such that ``UNet(**config)`` rebuilds this architecture."""
+        return {
+            "in_channels": self.in_channels,
+            "base_channels": self.base_channels,
+            "channel_mults": list(self.channel_mults),
+            "num_res_blocks": self.num_res_blocks,
+            "groups": self.groups,
+            "dtype": self.dtype.name,
+            "backend": self.backend,
+        }
+
+    def _build_plan(self) -> None:
+        """Lay out the blocks: ``self._shapes`` (key -> (shape, init)) and the op lists."""
+        C, T = self.base_channels, 4 * self.base_channels
+        shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        norm_channels: list[int] = []
+
+        def lin(key, fin, fout):
+            shapes[key + ".w"] = ((fout, fin), "uniform")
+            shapes[key + ".b"] = ((fout,), f"uniform:{fin}")
+
+        def conv(key, cin, cout, k, zero=False):
+            init = "zero" if zero else "uniform"
+            shapes[key + ".w"] = ((cout, cin, k, k), init)
+            shapes[key + ".b"] = ((cout,), "zero" if zero else f"uniform:{cin * k * k}")
+
+        def norm(key, ch):
+            shapes[key + ".gamma"] = ((ch,), "one")
+            shapes[key + ".beta"] = ((ch,), "zero")
+            norm_channels.append(ch)
+
+        def res(key, ci, co):
+            norm(key + ".norm1", ci)
+            conv(key + ".conv1", ci, co, 3)
+            lin(key + ".temb", T, co)
+            norm(key + ".norm2", co)
+            conv(key + ".conv2", co, co, 3, zero=True)
+            if ci != co:
+                conv(key + ".skip", ci, co, 1)
+            return (key, ci != co)
+
+        lin("time.lin1", C, T)
+        lin("time.lin2", T, T)
+        conv("stem", self.in_channels, C, 3)
+        ch = C
+        skip_ch: list[int] = []
+        down: list[tuple] = []          # ("res", key, has_skip_conv, skip_index) | ("downsample", key)
+        for i, mult in enumerate(self.channel_mults):
+            for j in range(self.num_res_blocks):
+                key, has_skip = res(f"down.{i}.res.{j}", ch, C * mult)
+                ch = C * mult
+                down.append(("res", key, has_skip, len(skip_ch)))
+                skip_ch.append(ch)
+            if i < self.num_levels - 1:
+                conv(f"down.{i}.downsample", ch, ch, 3)
+                down.append(("downsample", f"down.{i}.downsample"))
+        mid = res("mid.res", ch, ch)
+        up: list[tuple] = []            # ("res", key, has_skip_conv, skip_index) | ("upsample", key)
+        for i in reversed(range(self.num_levels)):
+            for j in range(self.num_res_blocks):
+                sidx = len(skip_ch) - 1
+                key, has_skip = res(f"up.{i}.res.{j}", ch + skip_ch.pop(), C * self.channel_mults[i])
+                ch = C * self.channel_mults[i]
+                up.append(("res", key, has_skip, sidx))
+            if i > 0:
+                conv(f"up.{i}.upsample", ch, ch, 3)
+                up.append(("upsample", f"up.{i}.upsample"))
+        norm("out.norm", ch)
+        conv("out.conv", ch, self.in_channels, 3, zero=True)
+        self._shapes = shapes
+        self._norm_channels = norm_channels
+        self._down, self._mid, self._up = down, mid, up
+        self._num_skips = self.num_levels * self.num_res_blocks
+
+    def _init_params(self, rng: np.random.Generator) -> None:
+        for key, (shape, init) in self._shapes.items():
+            if init == "zero":
+                a = np.zeros(shape)
+            elif init == "one":
+                a = np.ones(shape)
+            else:                       # "uniform" (weights: fan_in from the shape) or "uniform:<fan_in>"
+                fan_in = int(init.split(":")[1]) if ":" in init else int(np.prod(shape[1:]))
+                bound = 1.0 / np.sqrt(fan_in)
+                a = rng.uniform(-bound, bound, size=shape)
+            self.params[key] = np.ascontiguousarray(a, dtype=self.dtype)
+
+    def num_params(self) -> int:
+        """Total number of scalar parameters."""
+        return int(sum(p.size for p in self.params.values()))
+
+    def set_params(self, params: dict[str, np.ndarray], copy: bool = True) -> None:
+        """Replace the parameters with ``params`` (same keys and shapes; cast to the model's dtype).
+
+        Raises
+        ------
+        ValueError
+            If a key is missing or unexpected, or a shape differs, or a value is not finite.
+        """
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+        missing = [k for k in self._shapes if k not in params]
+        extra = [k for k in params if k not in self._shapes]
+        if missing or extra:
+            raise ValueError(f"params keys do not match the model: missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                             f"{'...' if len(extra) > 5 else ''}")
+        new = {}
+        for k, (shape, _) in self._shapes.items():
+            a = np.asarray(params[k])
+            if a.shape != shape:
+                raise ValueError(f"params[{k!r}] must have shape {shape}, got {a.shape}")
+            if not np.issubdtype(a.dtype, np.floating):
+                raise TypeError(f"params[{k!r}] must be a float array, got {a.dtype}")
+            if not np.all(np.isfinite(a)):
+                raise ValueError(f"params[{k!r}] holds non-finite values")
+            new[k] = np.array(a, dtype=self.dtype, order="C", copy=True) if copy \
+                else np.ascontiguousarray(a, dtype=self.dtype)
+        self.params = new
+
+    def copy(self) -> "UNet":
+        """A new UNet with the same config and a copy of the parameters."""
+        other = UNet(**self.config, rng=0)
+        other.set_params(self.params, copy=True)
+        return other
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"UNet({cfg})  # {self.num_params():,} params"
+
+    # ---------------------------------------------------------------- input checks
+
+    def _check_inputs(self, x, t) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        if x.dtype == bool or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise TypeError(f"x must be a real numeric array, got dtype {x.dtype}")
+        if x.ndim != 4:
+            raise ValueError(f"x must have shape (N, C, H, W), got shape {x.shape}")
+        N, C, H, W = x.shape
+        if C != self.in_channels:
+            raise ValueError(f"x must have {self.in_channels} channels (in_channels), got shape {x.shape}")
+        div = 2 ** (self.num_levels - 1)
+        if N == 0 or H == 0 or W == 0 or H % div or W % div:
+            raise ValueError(f"x must have N >= 1 and H, W positive and divisible by {div} "
+                             f"(2**(levels-1)), got shape {x.shape}")
+        x = np.ascontiguousarray(x, dtype=self.dtype)
+
+        ta = np.asarray(t)
+        if ta.dtype == bool or not (np.issubdtype(ta.dtype, np.integer) or np.issubdtype(ta.dtype, np.floating)):
+            raise TypeError(f"t must hold integer timesteps, got dtype {ta.dtype}")
+        if ta.ndim == 0:
+            ta = np.full(N, ta)
+        if ta.shape != (N,):
+            raise ValueError(f"t must be an int or have shape (N,) = ({N},), got shape {ta.shape}")
+        if np.issubdtype(ta.dtype, np.floating):
+            if not np.all(np.isfinite(ta)) or np.any(ta != np.round(ta)):
+                raise ValueError("t must hold integer timesteps, got non-integer values")
+        if np.any(ta < 0):
+            raise ValueError(f"t must be >= 0 (0-indexed timesteps), got min {ta.min()}")
+        return x, ta
+
+    # ---------------------------------------------------------------- forward
+
+    def _res_forward(self, key: str, has_skip: bool, x: np.ndarray, temb_act: np.ndarray, keep: bool):
+        P, k, g = self.params, self._kern, self.groups
+        h, c_n1 = L.group_norm_silu_forward(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], g, GN_EPS,
+                                            backend=k)
+        h, c_c1 = L.conv2d_forward(h, P[key + ".conv1.w"], P[key + ".conv1.b"], 1, 1, backend=k)
+        tp, c_t = L.linear_forward(temb_act, P[key + ".temb.w"], P[key + ".temb.b"])
+        h += tp[:, :, None, None]
+        h, c_n2 = L.group_norm_silu_forward(h, P[key + ".norm2.gamma"], P[key + ".norm2.beta"], g, GN_EPS,
+                                            backend=k)
+        h, c_c2 = L.conv2d_forward(h, P[key + ".conv2.w"], P[key + ".conv2.b"], 1, 1, backend=k)
+        if has_skip:
+            s, c_s = L.conv2d_forward(x, P[key + ".skip.w"], P[key + ".skip.b"], 1, 0, backend=k)
+            h += s
+        else:
+            c_s = None
+            h += x
+        return h, ((c_n1, c_c1, c_t, c_n2, c_c2, c_s) if keep else None)
+
+    def _forward(self, x, t, keep: bool):
+        x, t = self._check_inputs(x, t)
+        P, k = self.params, self._kern
+        # time embedding (float64 sinusoid, cast to the model dtype)
+        e = L.timestep_embedding(t, self.base_channels, dtype=self.dtype)
+        e, c_l1 = L.linear_forward(e, P["time.lin1.w"], P["time.lin1.b"])
+        e, c_a1 = L.silu_forward(e)
+        e, c_l2 = L.linear_forward(e, P["time.lin2.w"], P["time.lin2.b"])
+        temb_act, c_a2 = L.silu_forward(e)          # SiLU(temb), shared by every ResBlock
+
+        h, c_stem = L.conv2d_forward(x, P["stem.w"], P["stem.b"], 1, 1, backend=k)
+        skips: list[np.ndarray] = []
+        down_c: list = []
+        for op in self._down:
+            if op[0] == "res":
+                _, key, has_skip, _sidx = op
+                h, c = self._res_forward(key, has_skip, h, temb_act, keep)
+                skips.append(h)
+            else:
+                key = op[1]
+                h, c = L.conv2d_forward(h, P[key + ".w"], P[key + ".b"], 2, 1, backend=k)
+            down_c.append(c)
+        h, mid_c = self._res_forward(self._mid[0], self._mid[1], h, temb_act, keep)
+        up_c: list = []
+        for op in self._up:
+            if op[0] == "res":
+                _, key, has_skip, _sidx = op
+                h, c_cat = L.concat_forward([h, skips.pop()])
+                h, c = self._res_forward(key, has_skip, h, temb_act, keep)
+                up_c.append((c_cat, c))
+            else:
+                key = op[1]
+                h, c_up = L.upsample_nearest_forward(h)
+                h, c_conv = L.conv2d_forward(h, P[key + ".w"], P[key + ".b"], 1, 1, backend=k)
+                up_c.append((c_up, c_conv))
+        h, c_on = L.group_norm_silu_forward(h, P["out.norm.gamma"], P["out.norm.beta"], self.groups, GN_EPS,
+                                            backend=k)
+        out, c_oc = L.conv2d_forward(h, P["out.conv.w"], P["out.conv.b"], 1, 1, backend=k)
+        if not keep:
+            return out, None
+        cache = {
+            "time": (c_l1, c_a1, c_l2, c_a2),
+            "stem": c_stem,
+            "down": down_c,
+            "mid": mid_c,
+            "up": up_c,
+            "out": (c_on, c_oc),
+        }
+        return out, cache
+
+    def forward(self, x, t) -> tuple[np.ndarray, dict]:
+        """Training forward pass.
+
+        Parameters
+        ----------
+        x : ndarray, shape (N, in_channels, H, W), cast to the model's dtype
+        t : int or int array, shape (N,), timesteps >= 0
+
+        Returns
+        -------
+        out : ndarray, shape (N, in_channels, H, W), model dtype (the predicted noise, or x0 / v)
+        cache : dict, everything :meth:`backward` needs (see the Notes)
+
+        Notes
+        -----
+        ``cache`` = ``{"time": (lin1, silu1, lin2, silu2), "stem": conv, "down": [per op of the down
+        path: ResBlock cache | conv cache], "mid": ResBlock cache, "up": [per op of the up path:
+        (concat cache, ResBlock cache) | (upsample cache, conv cache)], "out": (gn_silu, conv)}``;
+        a ResBlock cache is ``(gn_silu1, conv1, temb_linear, gn_silu2, conv2, skip_conv | None)``.
+        Each entry is the cache of the corresponding :mod:`difnumpy.nn.layers` function.
+        """
+        return self._forward(x, t, keep=True)
+
+    def __call__(self, x, t) -> np.ndarray:
+        """Inference forward pass (no cache kept): ``model(x_t, t) -> output``, shape of ``x``."""
+        return self._forward(x, t, keep=False)[0]
+
+    # ---------------------------------------------------------------- backward
+
+    def _res_backward(self, key: str, dout: np.ndarray, cache, grads: dict):
+        c_n1, c_c1, c_t, c_n2, c_c2, c_s = cache
+        if c_s is not None:
+            dx_skip, grads[key + ".skip.w"], grads[key + ".skip.b"] = L.conv2d_backward(dout, c_s)
+        else:
+            dx_skip = dout
+        dh, grads[key + ".conv2.w"], grads[key + ".conv2.b"] = L.conv2d_backward(dout, c_c2)
+        dh, grads[key + ".norm2.gamma"], grads[key + ".norm2.beta"] = L.group_norm_silu_backward(dh, c_n2)
+        dtp = dh.sum(axis=(2, 3))
+        dtemb_act, grads[key + ".temb.w"], grads[key + ".temb.b"] = L.linear_backward(dtp, c_t)
+        dh, grads[key + ".conv1.w"], grads[key + ".conv1.b"] = L.conv2d_backward(dh, c_c1)
+        dx, grads[key + ".norm1.gamma"], grads[key + ".norm1.beta"] = L.group_norm_silu_backward(dh, c_n1)
+        dx += dx_skip                   # kernels return fresh arrays, so in place is safe
+        return dx, dtemb_act
+
+    def backward(self, dout: np.ndarray, cache: dict, return_input_grad: bool = False):
+        """Backward pass through :meth:`forward`.
+
+        Parameters
+        ----------
+        dout : ndarray, shape of the forward output, the gradient of the loss w.r.t. it
+        cache : dict, from :meth:`forward`
+        return_input_grad : bool, also return the gradient w.r.t. ``x``
+
+        Returns
+        -------
+        grads : dict[str, ndarray], the keys of :attr:`params` (same order, shapes and dtype)
+        dx : ndarray, shape of ``x`` (only if ``return_input_grad``)
+        """
+        if not isinstance(cache, dict) or "out" not in cache:
+            raise ValueError("cache must be the dict returned by UNet.forward")
+        c_on, c_oc = cache["out"]
+        dout = np.asarray(dout)
+        out_shape = (c_oc[0].shape[0], self.in_channels) + c_oc[0].shape[2:]
+        if dout.shape != out_shape:
+            raise ValueError(f"dout must have the output's shape {out_shape}, got {dout.shape}")
+        dout = np.ascontiguousarray(dout, dtype=self.dtype)
+        g: dict[str, np.ndarray] = {}
+
+        dh, g["out.conv.w"], g["out.conv.b"] = L.conv2d_backward(dout, c_oc)
+        dh, g["out.norm.gamma"], g["out.norm.beta"] = L.group_norm_silu_backward(dh, c_on)
+        dtemb = None
+        dskips: list = [None] * self._num_skips
+        for op, c in zip(reversed(self._up), reversed(cache["up"])):
+            if op[0] == "res":
+                _, key, _has_skip, sidx = op
+                c_cat, c_res = c
+                dh, dt = self._res_backward(key, dh, c_res, g)
+                dtemb = dt if dtemb is None else _iadd(dtemb, dt)
+                dh, dskips[sidx] = L.concat_backward(dh, c_cat)
+            else:
+                key = op[1]
+                c_up, c_conv = c
+                dh, g[key + ".w"], g[key + ".b"] = L.conv2d_backward(dh, c_conv)
+                dh = L.upsample_nearest_backward(dh, c_up)
+        dh, dt = self._res_backward(self._mid[0], dh, cache["mid"], g)
+        dtemb = dt if dtemb is None else _iadd(dtemb, dt)
+        for op, c in zip(reversed(self._down), reversed(cache["down"])):
+            if op[0] == "res":
+                _, key, _has_skip, sidx = op
+                dh += dskips[sidx]          # the skip's gradient from the up path's concat
+                dskips[sidx] = None
+                dh, dt = self._res_backward(key, dh, c, g)
+                dtemb = _iadd(dtemb, dt)
+            else:
+                key = op[1]
+                dh, g[key + ".w"], g[key + ".b"] = L.conv2d_backward(dh, c)
+        dx, g["stem.w"], g["stem.b"] = L.conv2d_backward(dh, cache["stem"], input_grad=return_input_grad)
+
+        c_l1, c_a1, c_l2, c_a2 = cache["time"]
+        de = L.silu_backward(dtemb, c_a2)
+        de, g["time.lin2.w"], g["time.lin2.b"] = L.linear_backward(de, c_l2)
+        de = L.silu_backward(de, c_a1)
+        _, g["time.lin1.w"], g["time.lin1.b"] = L.linear_backward(de, c_l1)
+
+        grads = {key: np.ascontiguousarray(g[key], dtype=self.dtype) for key in self.params}
+        return (grads, dx) if return_input_grad else grads
+
+
+def _iadd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a += b`` when ``a`` is a writeable array we own, returning ``a``."""
+    a += b
+    return a

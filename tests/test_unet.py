@@ -1,0 +1,254 @@
+"""Tests for difnumpy.nn.unet.UNet: architecture, whole-network gradient check, dtypes, API, errors."""
+import json
+
+import numpy as np
+import pytest
+
+from difnumpy.nn import UNet
+from difnumpy.nn.gradcheck import eval_numerical_gradient_at, rel_error
+
+TINY = dict(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=2)
+
+
+def _randomize(model, rng, scale=1.0):
+    """Give every parameter (zero-initialised ones included) a random non-trivial value, in place."""
+    for key, p in model.params.items():
+        fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 1
+        v = rng.uniform(-1.0, 1.0, p.shape) * scale / np.sqrt(fan_in)
+        if key.endswith(".gamma"):
+            v = 1.0 + 0.3 * rng.standard_normal(p.shape)
+        elif key.endswith(".beta"):
+            v = 0.3 * rng.standard_normal(p.shape)
+        p[...] = v
+
+
+def test_default_parameter_count_and_keys():
+    m = UNet(backend="numpy", rng=0)
+    assert m.num_params() == 410_721
+    assert sum(p.size for p in m.params.values()) == 410_721
+    keys = list(m.params)
+    assert keys[:4] == ["time.lin1.w", "time.lin1.b", "time.lin2.w", "time.lin2.b"]
+    for k in ("stem.w", "down.0.res.0.conv1.w", "down.0.downsample.w", "down.1.res.0.skip.w",
+              "mid.res.conv2.w", "up.1.res.0.skip.w", "up.1.upsample.w", "up.0.res.0.norm1.gamma",
+              "out.norm.gamma", "out.conv.w"):
+        assert k in m.params, k
+    assert "down.0.res.0.skip.w" not in m.params          # 32 -> 32: identity skip
+    assert m.params["time.lin1.w"].shape == (128, 32)
+    assert m.params["up.1.res.0.conv1.w"].shape == (64, 128, 3, 3)   # concat(64, 64) -> 64
+    assert m.params["up.0.res.0.conv1.w"].shape == (32, 96, 3, 3)    # concat(64, 32) -> 32
+    assert m.params["out.conv.w"].shape == (1, 32, 3, 3)
+    assert all(p.dtype == np.float32 and p.flags.c_contiguous for p in m.params.values())
+    # 3 image channels: stem and output conv gain 2 * 9 * 32 weights each, the output conv 2 biases
+    assert UNet(in_channels=3, backend="numpy", rng=0).num_params() == 410_721 + 2 * (2 * 9 * 32) + 2
+
+
+@pytest.mark.parametrize("hw", [8, 28])
+def test_output_shape_and_dtype(hw, rng):
+    m = UNet(backend="numpy", rng=0)
+    x = rng.standard_normal((2, 1, hw, hw)).astype(np.float32)
+    out, cache = m.forward(x, np.array([0, 999]))
+    assert out.shape == (2, 1, hw, hw) and out.dtype == np.float32
+    grads = m.backward(np.ones_like(out), cache)
+    assert list(grads) == list(m.params)
+    for k, g in grads.items():
+        assert g.shape == m.params[k].shape and g.dtype == np.float32, k
+        assert np.all(np.isfinite(g)), k
+
+
+def test_zero_init_output_and_resblocks():
+    """DDPM-style init: the output conv and every ResBlock's conv2 start at zero -> output is 0."""
+    m = UNet(**TINY, backend="numpy", rng=3)
+    for k, p in m.params.items():
+        if k.endswith("conv2.w") or k.startswith("out.conv"):
+            assert not p.any(), k
+        elif k.endswith(".gamma"):
+            assert np.all(p == 1), k
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8))
+    np.testing.assert_array_equal(m(x, 5), 0.0)
+
+
+@pytest.mark.parametrize("config", [TINY, dict(in_channels=2, base_channels=4, channel_mults=(1, 2, 2),
+                                                  num_res_blocks=2, groups=2)])
+def test_whole_unet_gradcheck_float64(config):
+    """Central differences on a random subset of coordinates of every parameter and of the input."""
+    rng = np.random.default_rng(7)
+    m = UNet(**config, dtype=np.float64, backend="numpy", rng=1)
+    _randomize(m, rng, scale=2.0)   # weights large enough that deep gradients are not ~1e-5 of the loss
+    N = 2
+    x = rng.standard_normal((N, config["in_channels"], 8, 8))
+    t = np.array([3, 917])
+    out, cache = m.forward(x, t)
+    dout = rng.standard_normal(out.shape)
+    grads, dx = m.backward(dout, cache, return_input_grad=True)
+
+    def f(_):
+        return float(np.sum(m(x, t) * dout))
+
+    per_param = 2 if len(m.params) > 80 else 3
+    worst = 0.0
+    for key, p in m.params.items():
+        idx = rng.choice(p.size, size=min(per_param, p.size), replace=False)
+        num = eval_numerical_gradient_at(f, p, idx)
+        err = rel_error(grads[key].ravel()[idx], num)
+        assert err < 1e-6, (key, err, grads[key].ravel()[idx], num)
+        worst = max(worst, err)
+    idx = rng.choice(x.size, size=12, replace=False)
+    num = eval_numerical_gradient_at(f, x, idx)
+    assert rel_error(dx.ravel()[idx], num) < 1e-6
+    assert worst < 1e-6
+
+
+def test_gradcheck_would_catch_a_wrong_gradient():
+    """The whole-network check is not vacuous: a scaled gradient on one block fails it."""
+    rng = np.random.default_rng(2)
+    m = UNet(**TINY, dtype=np.float64, backend="numpy", rng=1)
+    _randomize(m, rng)
+    x = rng.standard_normal((2, 1, 8, 8))
+    t = np.array([1, 2])
+    out, cache = m.forward(x, t)
+    dout = rng.standard_normal(out.shape)
+    grads = m.backward(dout, cache)
+    key = "down.0.res.0.norm1.gamma"
+    num = eval_numerical_gradient_at(lambda _: float(np.sum(m(x, t) * dout)), m.params[key], [0, 1, 2])
+    assert rel_error(grads[key][:3], num) < 1e-6
+    assert rel_error(grads[key][:3] * 1.01, num) > 1e-3
+
+
+def test_float32_forward_agrees_with_float64(rng):
+    m64 = UNet(dtype=np.float64, backend="numpy", rng=0)
+    _randomize(m64, rng)
+    m32 = UNet(**{**m64.config, "dtype": "float32"}, rng=0)
+    m32.set_params(m64.params)
+    x = rng.standard_normal((2, 1, 28, 28))
+    t = np.array([3, 999])
+    o64, o32 = m64(x, t), m32(x.astype(np.float32), t)
+    assert o32.dtype == np.float32 and o64.dtype == np.float64
+    assert np.abs(o64).max() > 0.1                  # a non-trivial output
+    assert rel_error(o32, o64) < 1e-5
+
+
+def test_same_rng_same_params_and_config_rebuilds():
+    a = UNet(**TINY, backend="numpy", rng=42)
+    b = UNet(**TINY, backend="numpy", rng=np.random.default_rng(42))
+    c = UNet(**TINY, backend="numpy", rng=43)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    assert any(not np.array_equal(a.params[k], c.params[k]) for k in a.params)
+    cfg = json.loads(json.dumps(a.config))          # plain JSON-able
+    assert cfg == {**TINY, "channel_mults": [1, 2], "dtype": "float32", "backend": "numpy"}
+    d = UNet(**cfg, rng=42)
+    assert list(d.params) == list(a.params)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], d.params[k])
+    # same seed, other dtype: the same draws, rounded
+    e = UNet(**{**cfg, "dtype": "float64"}, rng=42)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], e.params[k].astype(np.float32))
+    # copy() is independent
+    f = a.copy()
+    f.params["stem.w"][...] = 0
+    assert a.params["stem.w"].any()
+
+
+def test_call_matches_forward_and_t_broadcast(rng):
+    m = UNet(**TINY, dtype=np.float64, backend="numpy", rng=0)
+    _randomize(m, rng)
+    x = rng.standard_normal((3, 1, 8, 8))
+    out, _ = m.forward(x, np.array([5, 5, 5]))
+    np.testing.assert_array_equal(m(x, np.array([5, 5, 5])), out)
+    np.testing.assert_array_equal(m(x, 5), out)
+    np.testing.assert_array_equal(m(x, np.float64(5.0)), out)
+    # the timestep matters, and each sample uses its own
+    o2 = m(x, np.array([5, 6, 5]))
+    np.testing.assert_array_equal(o2[[0, 2]], out[[0, 2]])
+    assert not np.allclose(o2[1], out[1])
+    # the input is not modified
+    x0 = x.copy()
+    m.forward(x, 1)
+    np.testing.assert_array_equal(x, x0)
+
+
+def test_backend_switch_and_cpu_agreement(rng):
+    from difnumpy.kernels import cpu
+    m = UNet(**TINY, dtype=np.float64, backend="numpy", rng=0)
+    assert m.config["backend"] == "numpy"
+    m.backend = "cpu"
+    assert m.backend == "cpu" and m.config["backend"] == "cpu"
+    with pytest.raises(ValueError, match="backend"):
+        m.backend = "gpu"
+    if not all(hasattr(cpu, name) for name in ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
+                                               "group_norm_silu_forward", "group_norm_silu_backward")):
+        pytest.skip("numba nn kernels not present in difnumpy.kernels.cpu yet")
+    _randomize(m, rng)
+    x = rng.standard_normal((2, 1, 8, 8))
+    t = np.array([4, 40])
+    out_c, cache_c = m.forward(x, t)
+    dout = rng.standard_normal(out_c.shape)
+    g_c = m.backward(dout, cache_c)
+    m.backend = "numpy"
+    out_n, cache_n = m.forward(x, t)
+    g_n = m.backward(dout, cache_n)
+    assert rel_error(out_c, out_n) < 1e-12
+    for k in g_n:
+        assert rel_error(g_c[k], g_n[k]) < 1e-10, k
+
+
+def test_bad_inputs_raise():
+    m = UNet(**TINY, backend="numpy", rng=0)
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="divisible"):
+        m(np.zeros((2, 1, 7, 8), np.float32), 0)
+    with pytest.raises(ValueError, match="in_channels"):
+        m(np.zeros((2, 3, 8, 8), np.float32), 0)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, C, H, W\)"):
+        m(np.zeros((1, 8, 8), np.float32), 0)
+    with pytest.raises(ValueError, match="t must be >= 0"):
+        m(x, np.array([0, -1]))
+    with pytest.raises(ValueError, match="t must be an int or have shape"):
+        m(x, np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="t must hold integer"):
+        m(x, np.array([0.5, 1.0]))
+    with pytest.raises(TypeError, match="t must hold integer"):
+        m(x, np.array([True, False]))
+    with pytest.raises(TypeError, match="x must be a real numeric"):
+        m(x.astype(np.complex64), 0)
+    out, cache = m.forward(x, 0)
+    with pytest.raises(ValueError, match="dout must have the output's shape"):
+        m.backward(np.zeros((2, 1, 4, 4)), cache)
+    with pytest.raises(ValueError, match="cache"):
+        m.backward(out, None)
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="groups"):
+        UNet(base_channels=12, groups=8, backend="numpy")
+    with pytest.raises(ValueError, match="base_channels must be even"):
+        UNet(base_channels=7, groups=7, backend="numpy")
+    with pytest.raises(ValueError, match="dtype"):
+        UNet(dtype=np.float16, backend="numpy")
+    with pytest.raises(ValueError, match="backend"):
+        UNet(backend="tpu")
+    with pytest.raises(TypeError, match="channel_mults"):
+        UNet(channel_mults=(), backend="numpy")
+    with pytest.raises(ValueError, match=r"channel_mults\[1\]"):
+        UNet(channel_mults=(1, 0), backend="numpy")
+    with pytest.raises(TypeError, match="in_channels"):
+        UNet(in_channels=1.0, backend="numpy")
+    with pytest.raises(TypeError, match="rng"):
+        UNet(rng="seed", backend="numpy")
+
+
+def test_set_params_validation():
+    m = UNet(**TINY, backend="numpy", rng=0)
+    p = {k: v.copy() for k, v in m.params.items()}
+    p.pop("stem.w")
+    with pytest.raises(ValueError, match="missing"):
+        m.set_params(p)
+    p = {k: v.copy() for k, v in m.params.items()}
+    p["stem.w"] = np.zeros((1, 2, 3))
+    with pytest.raises(ValueError, match="stem.w"):
+        m.set_params(p)
+    p = {k: v.copy() for k, v in m.params.items()}
+    p["stem.b"][0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        m.set_params(p)
