@@ -1,0 +1,112 @@
+"""The numba nn kernels (difnumpy.kernels.cpu) agree with their NumPy twins (difnumpy.kernels.reference).
+
+Small shapes only: compilation dominates; the checks themselves run in well under a second.
+"""
+import numpy as np
+import pytest
+
+from difnumpy.kernels import cpu, reference as ref
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-11)}
+DTYPES = [np.float32, np.float64]
+
+# (N, C, H, W, F, K, stride, padding): "same" 3x3 (wide-row path), 1x1 (no im2col), general path
+CONV_CASES = [
+    (2, 3, 6, 6, 4, 3, 1, 1),
+    (3, 4, 5, 7, 2, 3, 1, 1),
+    (2, 5, 4, 4, 3, 1, 1, 0),
+    (2, 3, 6, 6, 4, 3, 2, 1),
+    (3, 2, 7, 5, 3, 3, 2, 0),
+    (2, 3, 5, 5, 2, 3, 1, 0),
+    (1, 2, 5, 6, 3, 1, 2, 1),
+    (2, 2, 6, 6, 3, 5, 1, 2),
+    (40, 2, 2, 2, 3, 3, 1, 1),   # many images per chunk, a partial last chunk
+]
+
+
+def _close(a, b, dtype):
+    scale = max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a / scale, b / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_kernels_match_reference(case, dtype):
+    N, C, H, W, F, K, s, p = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, K, K)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    out = cpu.conv2d_forward(x, w, b, s, p)
+    out_ref = ref.conv2d_forward(x, w, b, s, p)
+    assert out.dtype == dtype and out.shape == out_ref.shape and out.flags.c_contiguous
+    _close(out, out_ref, dtype)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx = cpu.conv2d_backward_input(dout, w, x.shape, s, p)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    _close(dx, ref.conv2d_backward_input(dout, w, x.shape, s, p), dtype)
+    dw, db = cpu.conv2d_backward_weight(dout, x, w.shape, s, p)
+    dw_ref, db_ref = ref.conv2d_backward_weight(dout, x, w.shape, s, p)
+    assert dw.dtype == dtype and db.dtype == dtype and dw.shape == w.shape and db.shape == (F,)
+    _close(dw, dw_ref, dtype)
+    _close(db, db_ref, dtype)
+
+
+def test_conv2d_forward_is_not_trivially_equal():
+    """The comparison can fail: a wrong weight layout is caught."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 5, 5))
+    w = rng.standard_normal((4, 3, 3, 3))
+    b = np.zeros(4)
+    wrong = cpu.conv2d_forward(x, np.ascontiguousarray(w[:, :, ::-1, ::-1]), b, 1, 1)
+    assert not np.allclose(wrong, ref.conv2d_forward(x, w, b, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("shape,groups", [((2, 4, 3, 5), 2), ((3, 6, 4, 4), 3), ((2, 8, 2, 2), 8),
+                                          ((1, 4, 5, 5), 1)])
+def test_group_norm_silu_match_reference(shape, groups, silu, dtype):
+    rng = np.random.default_rng(sum(shape) + groups)
+    N, C, H, W = shape
+    x = (3.0 * rng.standard_normal(shape) + 1.5).astype(dtype)
+    gamma = rng.standard_normal(C).astype(dtype)
+    beta = rng.standard_normal(C).astype(dtype)
+    out, mean, rstd = cpu.group_norm_silu_forward(x, gamma, beta, groups, 1e-5, silu)
+    out_r, mean_r, rstd_r = ref.group_norm_silu_forward(x, gamma, beta, groups, 1e-5, silu)
+    for a, r in ((out, out_r), (mean, mean_r), (rstd, rstd_r)):
+        assert a.dtype == dtype and a.shape == r.shape
+        _close(a, r, dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    got = cpu.group_norm_silu_backward(dout, x, gamma, beta, mean_r, rstd_r, groups, silu)
+    want = ref.group_norm_silu_backward(dout, x, gamma, beta, mean_r, rstd_r, groups, silu)
+    for a, r in zip(got, want):
+        assert a.dtype == dtype and a.shape == r.shape
+        _close(a, r, dtype)
+
+
+def test_fast_sigmoid_float32_extremes():
+    """The float32 vectorised exp saturates cleanly (no inf/NaN) for huge |y|."""
+    x = np.array([-1e4, -100.0, -30.0, -1.0, 0.0, 1.0, 30.0, 100.0, 1e4], np.float32).reshape(1, 1, 1, 9)
+    g = np.ones(1, np.float32)
+    # groups=1 on a single channel normalises; undo that by using the pre-normalised values directly
+    out, mean, rstd = cpu.group_norm_silu_forward(x, g, np.zeros(1, np.float32), 1, 1e-5, True)
+    out_r, _, _ = ref.group_norm_silu_forward(x, g, np.zeros(1, np.float32), 1, 1e-5, True)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, out_r, rtol=2e-6, atol=1e-7)
+    y = np.linspace(-120, 120, 4001, dtype=np.float32).reshape(1, 1, 1, -1)
+    # compare SiLU with gamma chosen so that the normalised values span a wide range
+    yn = (y - y.mean()) / y.std()
+    gam = np.array([y.std()], np.float32)
+    o, _, _ = cpu.group_norm_silu_forward(y, gam, np.zeros(1, np.float32), 1, 0.0, True)
+    o_r, _, _ = ref.group_norm_silu_forward(y, gam, np.zeros(1, np.float32), 1, 0.0, True)
+    assert np.all(np.isfinite(o)) and yn.shape == o.shape
+    np.testing.assert_allclose(o, o_r, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_raises():
+    x = np.zeros((1, 4, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="groups"):
+        cpu.group_norm_silu_forward(x, np.ones(4, np.float32), np.zeros(4, np.float32), 3, 1e-5, True)
+    with pytest.raises(TypeError):
+        cpu.conv2d_forward(x.astype(np.int32), np.zeros((1, 4, 3, 3), np.int32), np.zeros(1, np.int32), 1, 1)
