@@ -10,79 +10,45 @@ import numba
 import numpy as np
 
 # ==== section: diffusion ====
-# Elementwise kernels are memory bound: the flat array is cut into blocks that the threads share,
-# so a batch of one large sample parallelises as well as many small ones.
-# Below _PARALLEL_MIN elements the threads' start-up and synchronisation cost more than they save
-# (and on a busy 2-core machine much more), so small arrays take the serial compilation.
-_BLOCK = 1 << 15
-_PARALLEL_MIN = 1 << 18
+# The elementwise kernels are memory bound and run on one thread: a plain 2-D loop that LLVM
+# vectorises streams at the machine's copy bandwidth (benchmarks/bench_forward.py), while numba's
+# parallel pool measured slower on the shared 2-core machine at every size up to 1e7 elements
+# (thread start-up and synchronisation cost more than a second core's bandwidth adds).
 
 
-def _q_sample_body(x0, noise, a, b, out):
-    M = x0.shape[1]
-    total = x0.shape[0] * M
-    xf = x0.reshape(total)
-    nf = noise.reshape(total)
-    of = out.reshape(total)
-    nblocks = (total + _BLOCK - 1) // _BLOCK
-    for blk in numba.prange(nblocks):
-        i = blk * _BLOCK
-        stop = min(i + _BLOCK, total)
-        while i < stop:
-            n = i // M
-            end = min((n + 1) * M, stop)
-            an = a[n]
-            bn = b[n]
-            for j in range(i, end):
-                of[j] = an * xf[j] + bn * nf[j]
-            i = end
-
-
-_q_sample_par = numba.njit(parallel=True, cache=True)(_q_sample_body)
-_q_sample_ser = numba.njit(cache=True)(_q_sample_body)
+@numba.njit(cache=True)
+def _q_sample_into(x0, noise, a, b, out):
+    N, M = x0.shape
+    for n in range(N):
+        an = a[n]
+        bn = b[n]
+        for j in range(M):
+            out[n, j] = an * x0[n, j] + bn * noise[n, j]
 
 
 def q_sample(x0, noise, sqrt_ab, sqrt_1m_ab, out=None):
     """Numba twin of :func:`difnumpy.kernels.reference.q_sample` (same signature and result)."""
     if out is None:
         out = np.empty_like(x0)
-    kernel = _q_sample_par if x0.size >= _PARALLEL_MIN else _q_sample_ser
-    kernel(x0, noise, sqrt_ab.astype(x0.dtype), sqrt_1m_ab.astype(x0.dtype), out)
+    _q_sample_into(x0, noise, sqrt_ab.astype(x0.dtype), sqrt_1m_ab.astype(x0.dtype), out)
     return out
 
 
-def _sampler_update_body(x_t, mo, noise, coef, lo, hi, x_prev, x0_pred):
-    M = x_t.shape[1]
-    total = x_t.shape[0] * M
-    xf = x_t.reshape(total)
-    mf = mo.reshape(total)
-    nf = noise.reshape(total)
-    pf = x_prev.reshape(total)
-    of = x0_pred.reshape(total)
-    nblocks = (total + _BLOCK - 1) // _BLOCK
-    for blk in numba.prange(nblocks):
-        i = blk * _BLOCK
-        stop = min(i + _BLOCK, total)
-        while i < stop:
-            n = i // M
-            end = min((n + 1) * M, stop)
-            A = coef[n, 0]
-            B = coef[n, 1]
-            C = coef[n, 2]
-            D = coef[n, 3]
-            E = coef[n, 4]
-            l = lo[n]
-            h = hi[n]
-            for j in range(i, end):
-                x0 = A * xf[j] + B * mf[j]
-                x0 = min(max(x0, l), h)
-                of[j] = x0
-                pf[j] = C * x0 + D * xf[j] + E * nf[j]
-            i = end
-
-
-_sampler_update_par = numba.njit(parallel=True, cache=True)(_sampler_update_body)
-_sampler_update_ser = numba.njit(cache=True)(_sampler_update_body)
+@numba.njit(cache=True)
+def _sampler_update_into(x_t, mo, noise, coef, lo, hi, x_prev, x0_pred):
+    N, M = x_t.shape
+    for n in range(N):
+        A = coef[n, 0]
+        B = coef[n, 1]
+        C = coef[n, 2]
+        D = coef[n, 3]
+        E = coef[n, 4]
+        low = lo[n]
+        high = hi[n]
+        for j in range(M):
+            x0 = min(max(A * x_t[n, j] + B * mo[n, j], low), high)
+            x0_pred[n, j] = x0
+            x_prev[n, j] = C * x0 + D * x_t[n, j] + E * noise[n, j]
 
 
 def sampler_update(x_t, model_output, noise, coef, clip_lo, clip_hi):
@@ -90,8 +56,8 @@ def sampler_update(x_t, model_output, noise, coef, clip_lo, clip_hi):
     dt = x_t.dtype
     x_prev = np.empty_like(x_t)
     x0_pred = np.empty_like(x_t)
-    kernel = _sampler_update_par if x_t.size >= _PARALLEL_MIN else _sampler_update_ser
-    kernel(x_t, model_output, noise, coef.astype(dt), clip_lo.astype(dt), clip_hi.astype(dt), x_prev, x0_pred)
+    _sampler_update_into(x_t, model_output, noise, coef.astype(dt), clip_lo.astype(dt), clip_hi.astype(dt),
+                         x_prev, x0_pred)
     return x_prev, x0_pred
 
 
