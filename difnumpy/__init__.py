@@ -26,7 +26,7 @@ from difnumpy.samplers import (
     sample,
     sample_progressive,
 )
-from difnumpy.kernels import BACKENDS, get_backend
+from difnumpy.kernels import BACKENDS, cuda_available, get_backend
 # ---- nn / training / app names are added below ----
 from difnumpy.nn.unet import UNet
 from difnumpy.nn.optim import EMA, Adam, AdamW, clip_grad_norm, lr_at

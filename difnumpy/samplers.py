@@ -154,6 +154,43 @@ def _prev_timesteps(t_arr, prev_t, schedule, n):
     return pt
 
 
+def ddpm_coefficients(schedule: Schedule, tt: np.ndarray, pt: np.ndarray, prediction_type: str):
+    """Per-sample coefficients of one (possibly respaced) DDPM step, shape (N,) each, float64.
+
+    Returns ``(A, B, coef1, coef2, post_var, beta)``: ``x0 = A x_t + B out`` (before clipping), the
+    posterior mean ``coef1 x0 + coef2 x_t`` (DDPM eq. 7 with ``alpha = abar_t / abar_prev``), its variance
+    ``beta~`` and ``beta = 1 - abar_t / abar_prev``. ``pt == -1`` marks the final step (``abar_prev = 1``).
+    Shared by :func:`ddpm_step` and the device-resident loop of the CUDA backend.
+    """
+    abar_t = schedule.alphas_cumprod[tt]
+    abar_prev = np.where(pt < 0, 1.0, schedule.alphas_cumprod[np.maximum(pt, 0)])
+    alpha = abar_t / abar_prev
+    beta = 1.0 - alpha
+    coef1 = np.sqrt(abar_prev) * beta / (1.0 - abar_t)
+    coef2 = np.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar_t)
+    post_var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
+    A, B = _x0_coefficients(schedule, tt, prediction_type)
+    return A, B, coef1, coef2, post_var, beta
+
+
+def ddim_coefficients(schedule: Schedule, tt: np.ndarray, pt: np.ndarray, eta: float, prediction_type: str,
+                      final_alpha_cumprod: float = 1.0):
+    """Per-sample coefficients ``(A, B, C, D, sigma)`` of one DDIM step, shape (N,) each, float64.
+
+    ``x0 = A x_t + B out`` (before clipping) and ``x_prev = C x0 + D x_t + sigma z``: DDIM eq. 12,
+    ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z`` with
+    ``eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)`` and sigma from eq. 16. ``pt == -1`` is the final
+    step (``abar_prev = final_alpha_cumprod``). Shared by :func:`ddim_step` and the CUDA backend.
+    """
+    abar_t = schedule.alphas_cumprod[tt]
+    abar_prev = np.where(pt < 0, float(final_alpha_cumprod), schedule.alphas_cumprod[np.maximum(pt, 0)])
+    sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * np.sqrt(1.0 - abar_t / abar_prev)
+    dir_coef = np.sqrt(np.maximum(1.0 - abar_prev - sigma ** 2, 0.0))
+    sa, s1ma = np.sqrt(abar_t), np.sqrt(1.0 - abar_t)
+    A, B = _x0_coefficients(schedule, tt, prediction_type)
+    return A, B, np.sqrt(abar_prev) - dir_coef * sa / s1ma, dir_coef / s1ma, sigma
+
+
 def _fused_update(x_t, model_output, noise, A, B, C, D, E, lo, hi, backend):
     n = x_t.shape[0]
     dt = x_t.dtype
@@ -231,16 +268,8 @@ def ddpm_step(schedule: Schedule, model_output: np.ndarray, t, x_t: np.ndarray, 
         c = x_t.shape[1]
         model_output, var_out = model_output[:, :c], model_output[:, c:]
 
-    abar_t = schedule.alphas_cumprod[tt]
     final = pt < 0
-    abar_prev = np.where(final, 1.0, schedule.alphas_cumprod[np.maximum(pt, 0)])
-    alpha = abar_t / abar_prev
-    beta = 1.0 - alpha
-    coef1 = np.sqrt(abar_prev) * beta / (1.0 - abar_t)
-    coef2 = np.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar_t)
-    post_var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
-
-    A, B = _x0_coefficients(schedule, tt, prediction_type)
+    A, B, coef1, coef2, post_var, beta = ddpm_coefficients(schedule, tt, pt, prediction_type)
     A, B, lo, hi = _clip_bounds(x_t, model_output, A, B, clip_sample=clip_sample, clip_range=clip_range,
                                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                 sample_max_value=sample_max_value)
@@ -303,15 +332,7 @@ def ddim_step(schedule: Schedule, model_output: np.ndarray, t, prev_t, x_t: np.n
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     if not 0.0 < final_alpha_cumprod <= 1.0:
         raise ValueError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}")
-    abar_t = schedule.alphas_cumprod[tt]
-    abar_prev = np.where(pt < 0, float(final_alpha_cumprod), schedule.alphas_cumprod[np.maximum(pt, 0)])
-    sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * np.sqrt(1.0 - abar_t / abar_prev)
-    dir_coef = np.sqrt(np.maximum(1.0 - abar_prev - sigma ** 2, 0.0))
-    sa, s1ma = np.sqrt(abar_t), np.sqrt(1.0 - abar_t)
-    # x_prev = sqrt(abar_prev) x0 + dir_coef (x_t - sa x0) / s1ma + sigma z
-    C = np.sqrt(abar_prev) - dir_coef * sa / s1ma
-    D = dir_coef / s1ma
-    A, B = _x0_coefficients(schedule, tt, prediction_type)
+    A, B, C, D, sigma = ddim_coefficients(schedule, tt, pt, float(eta), prediction_type, final_alpha_cumprod)
     A, B, lo, hi = _clip_bounds(x_t, model_output, A, B, clip_sample=clip_sample, clip_range=clip_range,
                                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                 sample_max_value=sample_max_value)
@@ -429,6 +450,19 @@ def sample(model: Callable, schedule: Schedule, shape, *, method: str = "ddpm", 
     trajectory : list of dict, only with ``return_trajectory=True``
         Every step's ``{"t", "prev_t", "x_t", "x0_pred"}``, returned as ``(x0, trajectory)``.
     """
+    from difnumpy.nn.unet import UNet  # lazily: the network is not a dependency of the samplers
+
+    if (step_kw.get("backend") == "cuda" and isinstance(model, UNet) and not return_trajectory and not progress
+            and not step_kw.get("thresholding") and step_kw.get("steps_offset", 0) == 0
+            and step_kw.get("variance_type", "fixed_small") != "learned_range"):
+        # device-resident loop: x_t, parameters and activations stay on the GPU between steps
+        # (deterministic DDIM gives the CPU path's result; DDPM / eta > 0 draw their step noise on
+        # the device, so those samples differ from the CPU path's for the same rng)
+        from difnumpy.kernels import cuda as _cuda
+        kw = {k: v for k, v in step_kw.items() if k not in ("backend", "thresholding", "steps_offset",
+                                                          "dynamic_thresholding_ratio", "sample_max_value")}
+        return _cuda.sample_device(model, schedule, shape, method=method, num_steps=num_steps, eta=eta,
+                                   spacing=spacing, x_T=x_T, rng=rng, **kw)
     traj = [] if return_trajectory else None
     x = None
     for step in sample_progressive(model, schedule, shape, method=method, num_steps=num_steps, eta=eta,

@@ -15,6 +15,8 @@ from types import ModuleType
 
 BACKENDS = ("numpy", "cpu", "cuda")
 
+__all__ = ["BACKENDS", "check_backend", "get_backend", "cuda_available"]
+
 _MODULES = {"numpy": "reference", "cpu": "cpu", "cuda": "cuda"}
 
 
@@ -39,3 +41,15 @@ def get_backend(backend: str = "cpu") -> ModuleType:
     if backend == "cuda":
         from difnumpy.kernels import cuda  # noqa: F401  (raises a clear error itself if unusable)
     return importlib.import_module(f"difnumpy.kernels.{_MODULES[backend]}")
+
+
+def cuda_available() -> bool:
+    """True when ``backend="cuda"`` can run here (an NVIDIA GPU with numba-cuda, or the CUDA simulator).
+
+    Never raises: every reason :func:`get_backend` would give for refusing "cuda" yields False.
+    """
+    try:
+        get_backend("cuda")
+    except Exception:  # RuntimeError (no GPU / driver / numba-cuda), or a broken CUDA installation
+        return False
+    return True

@@ -328,3 +328,110 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
 
 
 # ==== end section: optim ====
+
+# ==== section: cuda-extras ====
+# NumPy twins of the extra kernels of kernels/cuda.py (the device-resident U-Net and training step).
+# The CPU backends run the same maths inline in difnumpy.nn.layers / difnumpy.nn.optim.
+
+
+def upsample_nearest2x_forward(x: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour upsampling by 2: ``out[n, c, i, j] = x[n, c, i // 2, j // 2]``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W), float32 or float64
+
+    Returns
+    -------
+    out : ndarray, shape (N, C, 2H, 2W), dtype of ``x``, C-contiguous
+    """
+    N, C, H, W = x.shape
+    out = np.empty((N, C, H, 2, W, 2), dtype=x.dtype)
+    out[...] = x[:, :, :, None, :, None]
+    return out.reshape(N, C, 2 * H, 2 * W)
+
+
+def upsample_nearest2x_backward(dout: np.ndarray) -> np.ndarray:
+    """Backward of :func:`upsample_nearest2x_forward`: each input pixel sums its 2x2 block of ``dout``.
+
+    Parameters
+    ----------
+    dout : ndarray, shape (N, C, 2H, 2W), float32 or float64
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C, H, W), dtype of ``dout``
+    """
+    N, C, H2, W2 = dout.shape
+    return np.ascontiguousarray(dout.reshape(N, C, H2 // 2, 2, W2 // 2, 2).sum(axis=(3, 5)), dtype=dout.dtype)
+
+
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Affine map ``out = x @ w.T + b``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, D), float32 or float64
+    w : ndarray, shape (M, D), dtype of ``x`` (PyTorch layout)
+    b : ndarray, shape (M,), dtype of ``x``
+
+    Returns
+    -------
+    out : ndarray, shape (N, M), dtype of ``x``
+    """
+    return np.ascontiguousarray(np.matmul(x, w.T) + b, dtype=x.dtype)
+
+
+def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`linear_forward`: ``dx = dout @ w``, ``dw = dout.T @ x``, ``db = sum_n dout``.
+
+    Parameters
+    ----------
+    dout : ndarray, shape (N, M); x : ndarray, shape (N, D); w : ndarray, shape (M, D); one dtype
+
+    Returns
+    -------
+    dx : ndarray, shape (N, D); dw : ndarray, shape (M, D); db : ndarray, shape (M,)
+    """
+    dx = np.ascontiguousarray(np.matmul(dout, w), dtype=dout.dtype)
+    dw = np.ascontiguousarray(np.matmul(dout.T, x), dtype=dout.dtype)
+    db = dout.sum(axis=0, dtype=np.float64).astype(dout.dtype)
+    return dx, dw, db
+
+
+def mse_loss(pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean squared error and its gradient (Ho et al. 2020, eq. 14, with ``pred = eps_theta``).
+
+    Parameters
+    ----------
+    pred, target : ndarray, one shape, float32 or float64 (target is cast to pred's dtype)
+
+    Returns
+    -------
+    loss : float, ``mean((pred - target)**2)`` accumulated in float64
+    dpred : ndarray, shape and dtype of ``pred``, ``(pred - target) * (2 / pred.size)``
+    """
+    diff = pred - target.astype(pred.dtype, copy=False)
+    loss = float(np.mean(np.square(diff, dtype=np.float64)))
+    return loss, diff * pred.dtype.type(2.0 / pred.size)
+
+
+def ema_update(ema: np.ndarray, param: np.ndarray, decay: float) -> None:
+    """Exponential moving average, in place on ``ema``: ``ema = decay * ema + (1 - decay) * param``.
+
+    Parameters
+    ----------
+    ema : ndarray, any shape, float32 or float64, C-contiguous (updated in place)
+    param : ndarray, shape of ``ema``
+    decay : float in [0, 1]
+
+    Notes
+    -----
+    The DDPM EMA of the weights (Ho et al. 2020, Appendix B); rounded in ``ema``'s dtype in the order
+    ``ema *= decay; ema += (1 - decay) * param`` (as :class:`difnumpy.nn.optim.EMA`).
+    """
+    ema *= np.asarray(decay, dtype=ema.dtype)
+    ema += np.asarray(1.0 - decay, dtype=ema.dtype) * param.astype(ema.dtype, copy=False)
+
+
+# ==== end section: cuda-extras ====
