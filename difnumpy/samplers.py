@@ -374,8 +374,11 @@ def sample_progressive(model: Callable, schedule: Schedule, shape, *, method: st
         DDIM only (0 = deterministic).
     spacing, steps_offset : see :func:`inference_timesteps`.
     x_T : ndarray, optional
-        Starting noise; drawn from ``rng`` if not given (not both).
+        Starting noise; drawn from ``rng`` if not given.
     rng : numpy.random.Generator, optional
+        Draws x_T (unless given) and, for DDPM or DDIM with eta > 0, every step's noise. Giving both
+        ``x_T`` and ``rng`` is allowed only where the steps need noise (deterministic DDIM would ignore
+        ``rng``: ValueError). With neither, a fresh OS-seeded Generator is used.
     progress : bool
         Show a tqdm progress bar.
     dtype : float32 or float64
@@ -401,7 +404,11 @@ def sample_progressive(model: Callable, schedule: Schedule, shape, *, method: st
     if num_steps is None:
         num_steps = T if method == "ddpm" else min(50, T)
     timesteps = inference_timesteps(T, num_steps, spacing, steps_offset)
-    check_rng_noise(rng, x_T, "x_T")
+    stochastic = method == "ddpm" or eta > 0
+    if stochastic:
+        check_rng_noise(rng, None)  # with x_T given, rng still draws every step's noise
+    else:
+        check_rng_noise(rng, x_T, "x_T")  # deterministic: rng would be ignored, so both is ambiguous
     if x_T is None:
         try:
             shape = tuple(int(s) for s in shape)

@@ -271,6 +271,13 @@ def test_sample_progressive_visits_the_timestep_list(rng):
     assert len(traj) == 10 and x is traj[-1]["x_t"] and x.dtype == np.float32
     y = sample(o, LIN, (3, 2), method="ddpm", num_steps=10, rng=np.random.default_rng(5))
     np.testing.assert_array_equal(x, y)  # same seed, same samples
+    # a given x_T with an rng for the step noise is reproducible too (DDPM needs noise at every step)
+    xT = np.ones((3, 2), np.float32)
+    a = sample(o, LIN, (3, 2), num_steps=10, x_T=xT, rng=np.random.default_rng(9))
+    b = sample(o, LIN, (3, 2), num_steps=10, x_T=xT, rng=np.random.default_rng(9))
+    c = sample(o, LIN, (3, 2), num_steps=10, x_T=xT, rng=np.random.default_rng(10))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
     # the model is called with the original (not respaced) timesteps, as an int64 batch
     seen = []
     sample(lambda x, t: seen.append(t.copy()) or np.zeros_like(x), LIN, (2, 1), method="ddim", num_steps=4, rng=rng)
@@ -301,7 +308,7 @@ def test_sampler_bad_input(rng):
     with pytest.raises(ValueError, match="num_steps"):
         sample(lambda x, t: x, LIN, (2, 3), method="ddim", num_steps=1001, rng=rng)
     with pytest.raises(ValueError, match="either x_T= or rng="):
-        sample(lambda x, t: x, LIN, (2, 3), x_T=x, rng=rng)
+        sample(lambda x, t: x, LIN, (2, 3), method="ddim", x_T=x, rng=rng)
     with pytest.raises(ValueError, match="spacing"):
         sample(lambda x, t: x, LIN, (2, 3), spacing="uniform", rng=rng)
     with pytest.raises(TypeError, match="unexpected keyword"):
