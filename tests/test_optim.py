@@ -221,7 +221,7 @@ def test_clip_grad_norm_nonfinite_and_bad_args():
 
 def test_ema_maths():
     p = {"w": np.array([1.0, 2.0]), "h": np.array([[0.0]], dtype=np.float32)}
-    ema = EMA(p, decay=0.9)
+    ema = EMA(p, decay=0.9, warmup=False)
     assert ema.params["w"] is not p["w"]
     target = {"w": np.array([3.0, -2.0]), "h": np.array([[1.0]], dtype=np.float32)}
     ema.update(target)
@@ -234,7 +234,7 @@ def test_ema_maths():
     assert ema.params["h"].dtype == np.float32 and ema.num_updates == 10
     np.testing.assert_array_equal(p["w"], [1.0, 2.0])  # the tracked params are not touched
     # decay 0 follows the params exactly; decay 1 never moves
-    e0, e1 = EMA(p, 0.0), EMA(p, 1.0)
+    e0, e1 = EMA(p, 0.0), EMA(p, 1.0, warmup=False)
     e0.update(target)
     e1.update(target)
     np.testing.assert_array_equal(e0.params["w"], target["w"])
@@ -247,7 +247,7 @@ def test_ema_maths():
 
 def test_ema_in_place_storage_and_state():
     store = {"w": np.zeros(3)}
-    ema = EMA(store, decay=0.5, copy=False)
+    ema = EMA(store, decay=0.5, copy=False, warmup=False)
     ema.update({"w": np.ones(3)})
     np.testing.assert_array_equal(store["w"], 0.5)  # updated in place
     sd = ema.state_dict()
@@ -257,6 +257,23 @@ def test_ema_in_place_storage_and_state():
     np.testing.assert_array_equal(other.params["w"], 0.5)
     with pytest.raises(ValueError, match="shape"):
         other.load_state_dict(dict(sd, **{"params/w": np.zeros(4)}))
+
+
+def test_ema_warmup_forgets_the_initialisation_quickly():
+    """d_n = min(decay, (1 + n) / (10 + n)): 0.1, 2/11, 3/12, ... until it reaches decay."""
+    p = {"w": np.array([1.0])}
+    ema = EMA(p, decay=0.999)
+    target = {"w": np.array([0.0])}
+    expected = 1.0
+    for n in range(50):
+        assert ema.current_decay() == pytest.approx(min(0.999, (1 + n) / (10 + n)))
+        ema.update(target)
+        expected *= min(0.999, (1 + n) / (10 + n))
+    np.testing.assert_allclose(ema.params["w"], expected, rtol=1e-12)
+    assert expected < 1e-2 < 0.999 ** 50  # the warm-up leaves far less of the start behind
+    late = EMA(p, decay=0.9)
+    late.num_updates = 10 ** 6
+    assert late.current_decay() == 0.9  # capped by decay
 
 
 # ---- warmup -------------------------------------------------------------------------------------

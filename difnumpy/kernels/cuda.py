@@ -1577,6 +1577,8 @@ class DeviceTrainStep:
             s = dt.type(self.grad_clip / (norm + 1e-6))
             for g in grads.values():
                 _k(dt).scale_k[_grid1d(g.size)](_flat(g), s)
+        from difnumpy.nn.optim import ema_decay_at
+        ema_decay = ema_decay_at(self.ema_decay, self.step_count)  # the CPU EMA's warm-up, same n
         self.step_count += 1
         b1, b2 = self.betas
         for k, p in self.net.params.items():
@@ -1586,7 +1588,7 @@ class DeviceTrainStep:
                 g = cuda.to_device(g)
             adam_update(p, g, self.m[k], self.v[k], self.lr, b1, b2, self.eps,
                         self.weight_decay if self.decoupled else 0.0, self.step_count)
-            ema_update(self.ema[k], p, self.ema_decay)
+            ema_update(self.ema[k], p, ema_decay)
         self.last_grad_norm = norm
         return loss
 

@@ -284,6 +284,14 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float | None) -> f
 # EMA
 # --------------------------------------------------------------------------------------------------
 
+def ema_decay_at(decay: float, num_updates: int, warmup: bool = True) -> float:
+    """The EMA decay of update number ``num_updates`` (0-based): ``min(decay, (1 + n) / (10 + n))``
+    with warm-up, else ``decay``."""
+    if not warmup:
+        return decay
+    return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
 class EMA:
     """Exponential moving average of parameters: :math:`\\bar\\theta \\leftarrow d\\,\\bar\\theta + (1-d)\\,\\theta`.
 
@@ -295,6 +303,10 @@ class EMA:
     decay : float in [0, 1], default 0.999
         Decay :math:`d` (DDPM used 0.9999, Ho et al. 2020, Appendix B).
     copy : bool, default True
+    warmup : bool, default True
+        Use ``d_n = min(decay, (1 + n) / (10 + n))`` at the n-th update (n = 0, 1, ...), as diffusers'
+        ``EMAModel`` does: early on the average forgets the random initialisation quickly instead of
+        holding ``decay ** n`` of it (0.999 ** 400 = 0.67 after 400 steps without warm-up).
 
     Attributes
     ----------
@@ -303,8 +315,10 @@ class EMA:
     num_updates : int
     """
 
-    def __init__(self, params: Mapping[str, np.ndarray], decay: float = 0.999, copy: bool = True):
+    def __init__(self, params: Mapping[str, np.ndarray], decay: float = 0.999, copy: bool = True,
+                 warmup: bool = True):
         self.decay = _check_float(decay, "decay", lo=0.0, hi=1.0)
+        self.warmup = bool(warmup)
         if copy:
             if not isinstance(params, Mapping):
                 raise TypeError(f"params must be a dict of str -> ndarray, got {type(params).__name__}")
@@ -320,7 +334,7 @@ class EMA:
         """One EMA step towards ``params`` (same keys and shapes), in place on :attr:`params`."""
         if not isinstance(params, Mapping) or set(params) != set(self.params):
             raise ValueError("params must be a dict with exactly the keys the EMA tracks")
-        d = self.decay
+        d = self.current_decay()
         for k, e in self.params.items():
             p = params[k]
             if p.shape != e.shape:
@@ -329,6 +343,10 @@ class EMA:
             e *= np.asarray(d, dtype=e.dtype)
             e += np.asarray(1.0 - d, dtype=e.dtype) * p.astype(e.dtype, copy=False)
         self.num_updates += 1
+
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` applies."""
+        return ema_decay_at(self.decay, self.num_updates, self.warmup)
 
     def copy_to(self, params: Mapping[str, np.ndarray]) -> None:
         """Copy the EMA values into ``params`` (in place)."""
