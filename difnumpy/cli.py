@@ -494,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", dest="log_every", type=_positive_int, help=f"default {d.log_every}")
     t.add_argument("--minutes", dest="max_minutes", type=_positive_float, help="wall-clock budget")
     t.add_argument("--backend", choices=BACKENDS, help=f"kernel backend (default {d.backend})")
+    t.add_argument("--device", dest="backend", choices=("cpu", "cuda"), help="same as --backend, cpu or cuda")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
@@ -513,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="EMA or raw weights; auto (default): EMA once the initial weights' share in it, "
                             "decay**updates, is below 1%%")
         q.add_argument("--backend", choices=BACKENDS, default=None, help="kernel backend (default: stored)")
+        q.add_argument("--device", dest="backend", choices=("cpu", "cuda"), help="same as --backend, cpu or cuda")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint",
@@ -549,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-ddpm", dest="n_ddpm", type=_positive_int, default=64, help="DDPM samples (timed)")
     m.add_argument("--bpd-timesteps", dest="bpd_timesteps", type=_nonneg_int, default=100)
     m.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    m.add_argument("--device", dest="backend", choices=("cpu", "cuda"), help="same as --backend, cpu or cuda")
     m.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     m.add_argument("--no-progress", action="store_true")
     m.add_argument("--quiet", action="store_true", help="only the final table")
