@@ -81,15 +81,25 @@ def sampler_update(x_t, model_output, noise, coef, clip_lo, clip_hi):
 # - 1x1 convs need no column matrix at all (the image rows *are* the columns); backward-input of 1x1 and
 #   of "same" convs is a forward conv with the transposed / flipped weights (a gather, no scatter-add).
 # - Other convs (the stride-2 Downsample) use a general im2col / col2im.
-# - Threads: a ``parallel=True`` loop over numba threads, each owning its buffers and taking every
-#   nt-th chunk; BLAS is held to one thread inside (threadpoolctl) so the two pools do not fight.
+# - Threads: NOT numba's parallel layer. The kernels are serial ``nogil`` functions that take a share
+#   ``(t, nt)`` of the work (each share owns its buffers); ``_run_split`` runs share 0 in the calling
+#   thread and the others on a small ``ThreadPoolExecutor`` (nt = ``numba.get_num_threads()``), with
+#   BLAS held to one thread meanwhile (threadpoolctl; set once per kernel call, ~25 us). Why: numba's
+#   ``omp`` layer (GNU OpenMP) waits by spinning; on this shared 2-core machine a spinning thread
+#   holds a core while its peer is descheduled, and a 0.3 ms GroupNorm took 8-16 ms (50x) with 2
+#   threads. OMP_WAIT_POLICY=PASSIVE cures it only if set before the first OpenMP runtime loads
+#   (with torch imported first numba binds torch's libgomp), so the kernels wait passively instead
+#   (futex-based futures), which costs ~30-60 us per call and never collapses.
 # - GroupNorm+SiLU is one fused pass per (image, group) (the group's data stays in L1/L2): statistics
 #   in float64 (two-pass), normalise+affine+SiLU in one sweep; backward recomputes the SiLU
 #   derivative and makes two sweeps. For float32 the sigmoid uses a vectorisable exp
 #   (2**k * poly(f), |rel. error| < 3e-7) because numba's math.exp is a scalar libm call here (no
 #   SVML): ~4x faster. float64 uses math.exp.
 
+import contextlib
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 try:  # optional: keep BLAS single-threaded inside our own numba-threaded loops
     from threadpoolctl import ThreadpoolController as _TPC
@@ -98,27 +108,87 @@ except ImportError:  # pragma: no cover
     _TPC = None
     _TP_CONTROLLER = None
 
-_CHUNK_COLS = 1024  # columns of the per-chunk column matrix (keeps it in L2)
+_CHUNK_COLS = 1024  # at most this many columns in the per-chunk column matrix ...
+_CHUNK_BYTES = 1 << 19  # ... and at most about this many bytes (K rows): it stays in L2 next to BLAS's packs
+
+
+_BLAS_HOLD_LOCK = threading.Lock()
+_BLAS_HOLD = [0, None]  # [depth, active threadpoolctl limiter]: BLAS's thread count is process-global
 
 
 class _BlasOneThread:
-    """Context manager: BLAS limited to one thread while numba runs > 1 threads (no-op otherwise)."""
+    """Context manager: BLAS limited to one thread while ``nt > 1`` of our threads run (no-op otherwise).
+
+    Re-entrant: nested scopes (a model step around its kernel calls) set the limit once and restore
+    it when the outermost scope exits.
+    """
+
+    def __init__(self, nt=2):
+        self._on = nt > 1 and _TPC is not None
 
     def __enter__(self):
         global _TP_CONTROLLER
-        self._ctx = None
-        if numba.get_num_threads() > 1 and _TPC is not None:
-            if _TP_CONTROLLER is None:
-                import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot BLAS; load before scanning)
-                _TP_CONTROLLER = _TPC()
-            self._ctx = _TP_CONTROLLER.limit(limits=1, user_api="blas")
-            self._ctx.__enter__()
+        if self._on:
+            with _BLAS_HOLD_LOCK:
+                if _BLAS_HOLD[0] == 0:
+                    if _TP_CONTROLLER is None:
+                        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot BLAS; load before scanning)
+                        _TP_CONTROLLER = _TPC()
+                    _BLAS_HOLD[1] = _TP_CONTROLLER.limit(limits=1, user_api="blas")
+                _BLAS_HOLD[0] += 1
         return self
 
     def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
+        if self._on:
+            with _BLAS_HOLD_LOCK:
+                _BLAS_HOLD[0] -= 1
+                if _BLAS_HOLD[0] == 0:
+                    limiter, _BLAS_HOLD[1] = _BLAS_HOLD[1], None
+                    limiter.restore_original_limits()
         return False
+
+
+def _step_scope():
+    """Context for a whole model call on this backend (used by :class:`difnumpy.nn.unet.UNet`).
+
+    With ``numba.get_num_threads() > 1`` it holds BLAS to one thread for the whole forward or backward
+    pass, not only inside each kernel: a multi-threaded BLAS call (the U-Net's small linear layers)
+    leaves OpenBLAS's worker threads spinning (sched_yield) for ~0.1 s, and on a loaded 2-core machine
+    they took the core that our second share needed (8x8 training step 2.3x slower, measured).
+    """
+    return _BlasOneThread(_nthreads())
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers):
+    """The shared worker pool (created lazily, grown if more workers are asked for)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="difnumpy-nn")
+        return _POOL
+
+
+def _run_split(kernel, nt, blas, *args):
+    """Run ``kernel(*args, t, nt)`` for ``t = 0 .. nt-1`` concurrently (share 0 in this thread).
+
+    ``kernel`` is a ``nogil`` numba function; ``blas``: hold BLAS to one thread while the shares run.
+    """
+    if nt <= 1:
+        kernel(*args, 0, 1)
+        return
+    pool = _pool(nt - 1)
+    ctx = _BlasOneThread(nt) if blas else contextlib.nullcontext()
+    with ctx:
+        futs = [pool.submit(kernel, *args, t, nt) for t in range(1, nt)]
+        try:
+            kernel(*args, 0, nt)
+        finally:
+            for f in futs:
+                f.result()
 
 
 def _conv_mode(KH, KW, stride, padding):
@@ -190,41 +260,54 @@ def _xp_len(mode, H, W, pad):
     return (H + 2 * pad) * (W + 2 * pad)
 
 
-@numba.njit(cache=True, parallel=True)
-def _conv_fwd_kernel(x, w2, b, mode, KH, KW, stride, pad, Ho, Wo, Wr, G, xplen, nthreads, out):
+@numba.njit(cache=True, nogil=True)
+def _conv_fwd_kernel(x, w2, b, mode, KH, KW, stride, pad, Ho, Wo, Wr, G, xplen, out, t, nthreads):
     N, C = x.shape[0], x.shape[1]
     F, K = w2.shape
     L = Ho * Wr
     nchunks = (N + G - 1) // G
-    for t in numba.prange(nthreads):
-        xp = np.zeros((C, xplen), x.dtype)
-        colbuf = np.empty(K * G * L, x.dtype)
-        tmpbuf = np.empty(F * G * L, x.dtype)
-        for ch in range(t, nchunks, nthreads):
-            n0 = ch * G
-            g = min(G, N - n0)
-            cols = colbuf[:K * g * L].reshape(K, g * L)
-            tmp = tmpbuf[:F * g * L].reshape(F, g * L)
-            for gg in range(g):
-                _fill_cols(x, n0 + gg, gg, mode, KH, KW, stride, pad, Ho, Wo, Wr, xp, cols)
-            np.dot(w2, cols, tmp)
-            for gg in range(g):
-                for f in range(F):
-                    bf = b[f]
-                    for i in range(Ho):
-                        s0 = gg * L + i * Wr
-                        src = tmp[f, s0:s0 + Wo]
-                        dst = out[n0 + gg, f, i]
-                        for j in range(Wo):
-                            dst[j] = src[j] + bf
+    xp = np.zeros((C, xplen), x.dtype)
+    colbuf = np.empty(K * G * L, x.dtype)
+    tmpbuf = np.empty(F * G * L, x.dtype)
+    for ch in range(t, nchunks, nthreads):
+        n0 = ch * G
+        g = min(G, N - n0)
+        cols = colbuf[:K * g * L].reshape(K, g * L)
+        tmp = tmpbuf[:F * g * L].reshape(F, g * L)
+        for gg in range(g):
+            _fill_cols(x, n0 + gg, gg, mode, KH, KW, stride, pad, Ho, Wo, Wr, xp, cols)
+        np.dot(w2, cols, tmp)
+        for gg in range(g):
+            for f in range(F):
+                bf = b[f]
+                for i in range(Ho):
+                    s0 = gg * L + i * Wr
+                    src = tmp[f, s0:s0 + Wo]
+                    dst = out[n0 + gg, f, i]
+                    for j in range(Wo):
+                        dst[j] = src[j] + bf
 
 
 def _nthreads():
     return max(1, int(numba.get_num_threads()))
 
 
-def _chunk(L, N):
-    return max(1, min(N, _CHUNK_COLS // max(L, 1)))
+_GN_PARALLEL_MIN = 1 << 16  # elements; below this a second thread's wake-up costs more than it saves
+
+
+def _gn_threads(size):
+    return _nthreads() if size >= _GN_PARALLEL_MIN else 1
+
+
+def _chunk(L, N, K=1, itemsize=4):
+    """Images per chunk: about min(_CHUNK_COLS, _CHUNK_BYTES / (K * itemsize)) columns, >= 128, whole images.
+
+    Measured (float32, 1 thread, batch 128): 32->32 3x3 8x8 2.7 -> 2.3 ms, 64->64 8x8 7.9 -> 6.6 ms,
+    96->32 8x8 10.3 -> 7.0 ms going from 1024 to 256-512 columns for K = 288..864 (the GEMM reaches
+    85-107 instead of 60-93 GFLOP/s, and the column fill stays in L2).
+    """
+    cols = max(128, min(_CHUNK_COLS, _CHUNK_BYTES // max(K * itemsize, 1)))
+    return max(1, min(N, cols // max(L, 1)))
 
 
 def _conv_forward_impl(x, w, b, stride, padding):
@@ -234,13 +317,12 @@ def _conv_forward_impl(x, w, b, stride, padding):
     Wo = (W + 2 * padding - KW) // stride + 1
     mode = _conv_mode(KH, KW, stride, padding)
     Wr = W + padding if mode == 0 else Wo
-    G = _chunk(Ho * Wr, N)
+    G = _chunk(Ho * Wr, N, C * KH * KW, x.itemsize)
     nt = min(_nthreads(), (N + G - 1) // G)
     out = np.empty((N, F, Ho, Wo), x.dtype)
     w2 = np.ascontiguousarray(w.reshape(F, C * KH * KW))
-    with _BlasOneThread():
-        _conv_fwd_kernel(x, w2, np.ascontiguousarray(b), mode, KH, KW, stride, padding, Ho, Wo, Wr, G,
-                         _xp_len(mode, H, W, padding), nt, out)
+    _run_split(_conv_fwd_kernel, nt, True, x, w2, np.ascontiguousarray(b), mode, KH, KW, stride, padding,
+               Ho, Wo, Wr, G, _xp_len(mode, H, W, padding), out)
     return out
 
 
@@ -291,38 +373,37 @@ def _col2im_add(dcols, c0, KH, KW, stride, pad, Ho, Wo, dxp):
                         row[j * stride] += s[j]
 
 
-@numba.njit(cache=True, parallel=True)
-def _conv_bwd_input_general(dout, w2t, KH, KW, stride, pad, H, W, G, nthreads, dx):
+@numba.njit(cache=True, nogil=True)
+def _conv_bwd_input_general(dout, w2t, KH, KW, stride, pad, H, W, G, dx, t, nthreads):
     N, F, Ho, Wo = dout.shape
     K = w2t.shape[0]
     C = dx.shape[1]
     L = Ho * Wo
     nchunks = (N + G - 1) // G
-    for t in numba.prange(nthreads):
-        dchbuf = np.empty(F * G * L, dout.dtype)
-        dcolbuf = np.empty(K * G * L, dout.dtype)
-        dxp = np.empty((C, H + 2 * pad + stride, W + 2 * pad + stride), dout.dtype)
-        for ch in range(t, nchunks, nthreads):
-            n0 = ch * G
-            g = min(G, N - n0)
-            dch = dchbuf[:F * g * L].reshape(F, g * L)
-            dcols = dcolbuf[:K * g * L].reshape(K, g * L)
-            for gg in range(g):
-                for f in range(F):
-                    src = dout[n0 + gg, f].ravel()
-                    dst = dch[f, gg * L:gg * L + L]
-                    for l in range(L):
-                        dst[l] = src[l]
-            np.dot(w2t, dch, dcols)
-            for gg in range(g):
-                dxp[:] = 0
-                _col2im_add(dcols, gg * L, KH, KW, stride, pad, Ho, Wo, dxp)
-                for c in range(C):
-                    for i in range(H):
-                        drow = dx[n0 + gg, c, i]
-                        srow = dxp[c, i + pad, pad:pad + W]
-                        for j in range(W):
-                            drow[j] = srow[j]
+    dchbuf = np.empty(F * G * L, dout.dtype)
+    dcolbuf = np.empty(K * G * L, dout.dtype)
+    dxp = np.empty((C, H + 2 * pad + stride, W + 2 * pad + stride), dout.dtype)
+    for ch in range(t, nchunks, nthreads):
+        n0 = ch * G
+        g = min(G, N - n0)
+        dch = dchbuf[:F * g * L].reshape(F, g * L)
+        dcols = dcolbuf[:K * g * L].reshape(K, g * L)
+        for gg in range(g):
+            for f in range(F):
+                src = dout[n0 + gg, f].ravel()
+                dst = dch[f, gg * L:gg * L + L]
+                for l in range(L):
+                    dst[l] = src[l]
+        np.dot(w2t, dch, dcols)
+        for gg in range(g):
+            dxp[:] = 0
+            _col2im_add(dcols, gg * L, KH, KW, stride, pad, Ho, Wo, dxp)
+            for c in range(C):
+                for i in range(H):
+                    drow = dx[n0 + gg, c, i]
+                    srow = dxp[c, i + pad, pad:pad + W]
+                    for j in range(W):
+                        drow[j] = srow[j]
 
 
 def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, stride: int,
@@ -356,52 +437,50 @@ def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, strid
         wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
         return _conv_forward_impl(dout, wt, np.zeros(C, dout.dtype), 1, padding)
     Ho, Wo = dout.shape[2], dout.shape[3]
-    G = _chunk(Ho * Wo, N)
+    G = _chunk(Ho * Wo, N, max(F, C * KH * KW), dout.itemsize)
     nt = min(_nthreads(), (N + G - 1) // G)
     w2t = np.ascontiguousarray(w.reshape(F, C * KH * KW).T)
     dx = np.empty((N, C, H, W), dout.dtype)
-    with _BlasOneThread():
-        _conv_bwd_input_general(dout, w2t, KH, KW, stride, padding, H, W, G, nt, dx)
+    _run_split(_conv_bwd_input_general, nt, True, dout, w2t, KH, KW, stride, padding, H, W, G, dx)
     return dx
 
 
-@numba.njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _conv_bwd_weight_kernel(dout, x, mode, KH, KW, stride, pad, Ho, Wo, Wr, G, xplen, nthreads,
-                            dw_parts, db_parts):
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _conv_bwd_weight_kernel(dout, x, mode, KH, KW, stride, pad, Ho, Wo, Wr, G, xplen,
+                            dw_parts, db_parts, t, nthreads):
     N, C = x.shape[0], x.shape[1]
     F = dout.shape[1]
     K = C * KH * KW
     L = Ho * Wr
     nchunks = (N + G - 1) // G
-    for t in numba.prange(nthreads):
-        xp = np.zeros((C, xplen), x.dtype)
-        colbuf = np.empty(K * G * L, x.dtype)
-        dchbuf = np.empty(F * G * L, x.dtype)
-        tmp = np.empty((F, K), x.dtype)
-        acc = np.zeros((F, K), x.dtype)
-        for ch in range(t, nchunks, nthreads):
-            n0 = ch * G
-            g = min(G, N - n0)
-            cols = colbuf[:K * g * L].reshape(K, g * L)
-            dch = dchbuf[:F * g * L].reshape(F, g * L)
-            for gg in range(g):
-                _fill_cols(x, n0 + gg, gg, mode, KH, KW, stride, pad, Ho, Wo, Wr, xp, cols)
-                for f in range(F):
-                    s = 0.0
-                    for i in range(Ho):
-                        o = gg * L + i * Wr
-                        src = dout[n0 + gg, f, i]
-                        dst = dch[f, o:o + Wr]
-                        for j in range(Wo):
-                            v = src[j]
-                            dst[j] = v
-                            s += v
-                        for j in range(Wo, Wr):  # wide columns (mode 0) contribute nothing
-                            dst[j] = 0
-                    db_parts[t, f] += s
-            np.dot(dch, cols.T, tmp)
-            acc += tmp
-        dw_parts[t] = acc
+    xp = np.zeros((C, xplen), x.dtype)
+    colbuf = np.empty(K * G * L, x.dtype)
+    dchbuf = np.empty(F * G * L, x.dtype)
+    tmp = np.empty((F, K), x.dtype)
+    acc = np.zeros((F, K), x.dtype)
+    for ch in range(t, nchunks, nthreads):
+        n0 = ch * G
+        g = min(G, N - n0)
+        cols = colbuf[:K * g * L].reshape(K, g * L)
+        dch = dchbuf[:F * g * L].reshape(F, g * L)
+        for gg in range(g):
+            _fill_cols(x, n0 + gg, gg, mode, KH, KW, stride, pad, Ho, Wo, Wr, xp, cols)
+            for f in range(F):
+                s = 0.0
+                for i in range(Ho):
+                    o = gg * L + i * Wr
+                    src = dout[n0 + gg, f, i]
+                    dst = dch[f, o:o + Wr]
+                    for j in range(Wo):
+                        v = src[j]
+                        dst[j] = v
+                        s += v
+                    for j in range(Wo, Wr):  # wide columns (mode 0) contribute nothing
+                        dst[j] = 0
+                db_parts[t, f] += s
+        np.dot(dch, cols.T, tmp)
+        acc += tmp
+    dw_parts[t] = acc
 
 
 def conv2d_backward_weight(dout: np.ndarray, x: np.ndarray, w_shape: tuple, stride: int,
@@ -434,13 +513,12 @@ def conv2d_backward_weight(dout: np.ndarray, x: np.ndarray, w_shape: tuple, stri
     Ho, Wo = dout.shape[2], dout.shape[3]
     mode = _conv_mode(KH, KW, stride, padding)
     Wr = W + padding if mode == 0 else Wo
-    G = _chunk(Ho * Wr, N)
+    G = _chunk(Ho * Wr, N, C * KH * KW, x.itemsize)
     nt = min(_nthreads(), (N + G - 1) // G)
     dw_parts = np.zeros((nt, F, C * KH * KW), x.dtype)
     db_parts = np.zeros((nt, F), np.float64)
-    with _BlasOneThread():
-        _conv_bwd_weight_kernel(dout, x, mode, KH, KW, stride, padding, Ho, Wo, Wr, G,
-                                _xp_len(mode, H, W, padding), nt, dw_parts, db_parts)
+    _run_split(_conv_bwd_weight_kernel, nt, True, dout, x, mode, KH, KW, stride, padding, Ho, Wo, Wr, G,
+               _xp_len(mode, H, W, padding), dw_parts, db_parts)
     dw = dw_parts.sum(axis=0) if nt > 1 else dw_parts[0]
     return (np.ascontiguousarray(dw.reshape(F, C, KH, KW), dtype=x.dtype),
             db_parts.sum(axis=0).astype(x.dtype))
@@ -483,13 +561,14 @@ def _sigmoid_seg(y, s, ibuf, fbuf, fast):
             s[i] = 1.0 / (1.0 + math.exp(-y[i]))
 
 
-@numba.njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _gn_fwd_kernel(x, gamma, beta, groups, eps, silu, fast, out, mean, rstd):
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _gn_fwd_kernel(x, gamma, beta, groups, eps, silu, fast, out, mean, rstd, t, nthreads):
     N, C, H, W = x.shape
     HW = H * W
     cg = C // groups
     M = cg * HW
-    for ng in numba.prange(N * groups):
+    NG = N * groups
+    for ng in range(t * NG // nthreads, (t + 1) * NG // nthreads):
         n = ng // groups
         g = ng - n * groups
         xs = x[n].reshape(C, HW)
@@ -554,18 +633,20 @@ def group_norm_silu_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, 
     out = np.empty_like(x)
     mean = np.empty((N, groups), x.dtype)
     rstd = np.empty((N, groups), x.dtype)
-    _gn_fwd_kernel(x, np.ascontiguousarray(gamma, dtype=x.dtype), np.ascontiguousarray(beta, dtype=x.dtype),
-                   groups, float(eps), bool(silu), x.dtype == np.float32, out, mean, rstd)
+    _run_split(_gn_fwd_kernel, _gn_threads(x.size), False, x, np.ascontiguousarray(gamma, dtype=x.dtype),
+               np.ascontiguousarray(beta, dtype=x.dtype), groups, float(eps), bool(silu), x.dtype == np.float32,
+               out, mean, rstd)
     return out, mean, rstd
 
 
-@numba.njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _gn_bwd_kernel(dout, x, gamma, beta, mean, rstd, groups, silu, fast, dx, dg_parts, db_parts):
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _gn_bwd_kernel(dout, x, gamma, beta, mean, rstd, groups, silu, fast, dx, dg_parts, db_parts, t, nthreads):
     N, C, H, W = x.shape
     HW = H * W
     cg = C // groups
     M = cg * HW
-    for ng in numba.prange(N * groups):
+    NG = N * groups
+    for ng in range(t * NG // nthreads, (t + 1) * NG // nthreads):
         n = ng // groups
         g = ng - n * groups
         xs = x[n].reshape(C, HW)
@@ -650,9 +731,9 @@ def group_norm_silu_backward(dout: np.ndarray, x: np.ndarray, gamma: np.ndarray,
     dg_parts = np.empty((N, C), np.float64)
     db_parts = np.empty((N, C), np.float64)
     dt = x.dtype
-    _gn_bwd_kernel(dout, x, np.ascontiguousarray(gamma, dtype=dt), np.ascontiguousarray(beta, dtype=dt),
-                   np.ascontiguousarray(mean, dtype=dt), np.ascontiguousarray(rstd, dtype=dt), groups,
-                   bool(silu), dt == np.float32, dx, dg_parts, db_parts)
+    _run_split(_gn_bwd_kernel, _gn_threads(x.size), False, dout, x, np.ascontiguousarray(gamma, dtype=dt),
+               np.ascontiguousarray(beta, dtype=dt), np.ascontiguousarray(mean, dtype=dt),
+               np.ascontiguousarray(rstd, dtype=dt), groups, bool(silu), dt == np.float32, dx, dg_parts, db_parts)
     return dx, dg_parts.sum(axis=0).astype(dt), db_parts.sum(axis=0).astype(dt)
 
 # ==== end section: nn ====

@@ -33,6 +33,7 @@ seed gives the same parameters (to rounding) in float32 and float64.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -330,7 +331,16 @@ class UNet:
             h += x
         return h, ((c_n1, c_c1, c_t, c_n2, c_c2, c_s) if keep else None)
 
+    def _scope(self):
+        """The backend's context for a whole pass (the numba backend holds BLAS to one thread)."""
+        scope = getattr(self._kern, "_step_scope", None)
+        return scope() if scope is not None else contextlib.nullcontext()
+
     def _forward(self, x, t, keep: bool):
+        with self._scope():
+            return self._forward_impl(x, t, keep)
+
+    def _forward_impl(self, x, t, keep: bool):
         x, t = self._check_inputs(x, t)
         P, k = self.params, self._kern
         # time embedding (float64 sinusoid, cast to the model dtype)
@@ -440,6 +450,10 @@ class UNet:
         """
         if not isinstance(cache, dict) or "out" not in cache:
             raise ValueError("cache must be the dict returned by UNet.forward")
+        with self._scope():
+            return self._backward_impl(dout, cache, return_input_grad)
+
+    def _backward_impl(self, dout, cache: dict, return_input_grad: bool):
         c_on, c_oc = cache["out"]
         dout = np.asarray(dout)
         out_shape = (c_oc[0].shape[0], self.in_channels) + c_oc[0].shape[2:]
