@@ -148,14 +148,17 @@ EMA_INIT_SHARE_MAX = 0.01
 def choose_weights(ema_decay: float, ema_updates: int, weights: str = "auto") -> str:
     """``"ema"`` or ``"raw"``: which weights of a checkpoint to sample from.
 
-    An EMA started at the initial weights still holds ``decay ** updates`` of them (e.g. 58 %
-    after 550 updates at decay 0.999), which makes the EMA model far worse than the raw one in
-    a short run. ``weights="auto"`` takes the EMA once that share is below 1 %
-    (:data:`EMA_INIT_SHARE_MAX`), the raw weights before.
+    An EMA started at the initial weights still holds ``prod_n d_n`` of them, with ``d_n`` the decay
+    of the n-th update (:func:`difnumpy.nn.optim.ema_decay_at`, warm-up included); without the
+    warm-up that is ``decay ** updates``, e.g. 58 % after 550 updates at 0.999, which makes the EMA
+    model far worse than the raw one in a short run. ``weights="auto"`` takes the EMA once that
+    share is below 1 % (:data:`EMA_INIT_SHARE_MAX`), the raw weights before.
     """
+    from difnumpy.nn.optim import ema_decay_at
+
     if weights in ("ema", "raw"):
         return weights
-    share = float(ema_decay) ** int(ema_updates) if ema_decay > 0 else 0.0
+    share = float(np.prod([ema_decay_at(float(ema_decay), i) for i in range(int(ema_updates))]))
     return "ema" if share < EMA_INIT_SHARE_MAX else "raw"
 
 

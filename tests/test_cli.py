@@ -132,10 +132,12 @@ def test_existing_results_are_not_overwritten(run_dir, tmp_path, capsys):
 def test_choose_weights():
     from difnumpy.cli import choose_weights
 
-    assert choose_weights(0.999, 550) == "raw"      # 0.999**550 = 58 % initial weights
-    assert choose_weights(0.999, 5000) == "ema"     # 0.7 %
+    # with the EMA warm-up the decays are 0.1, 2/11, 3/12, ...: the start's share is 10 %, 1.8 %, 0.45 %
+    assert choose_weights(0.999, 1) == "raw"
+    assert choose_weights(0.999, 2) == "raw"
+    assert choose_weights(0.999, 3) == "ema"
     assert choose_weights(0.995, 1000) == "ema"
-    assert choose_weights(0.0, 0) == "ema"
+    assert choose_weights(0.0, 1) == "ema" and choose_weights(0.5, 0) == "raw"  # no update: EMA == start
     assert choose_weights(0.999, 1, "ema") == "ema" and choose_weights(0.9, 10**6, "raw") == "raw"
 
 
@@ -162,7 +164,7 @@ def test_demo_end_to_end_via_python_m(tmp_path):
     for k in ("fd", "fd_floor", "fd_noise", "confident_fraction", "mean_confidence", "class_histogram",
               "test_bpd", "ddpm_seconds", "ddim_seconds", "ddim_speedup", "train_steps"):
         assert k in m, k
-    assert m["train_steps"] == 4 and m["n_samples"] == 24 and m["weights"] == "raw"
+    assert m["train_steps"] == 4 and m["n_samples"] == 24 and m["weights"] == "ema"  # 4 warm-up updates leave 0.1 % of the start
     assert "faster than DDPM" in proc.stdout
     # the demo's checkpoint is loadable by `difnumpy sample`
     assert main(["sample", "--checkpoint", str(out / "checkpoint.npz"), "-n", "2", "--steps", "2",
