@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from difnumpy._io import atomic_write
 
 from difnumpy.kernels import check_backend
 from difnumpy.schedules import Schedule
@@ -211,28 +212,7 @@ def save_checkpoint(path: str | os.PathLike, trainer: Trainer) -> str:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot save checkpoint {path!r}: directory {directory!r} does not exist")
     arrays = _trainer_arrays(trainer)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, allow_pickle=False, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable (best effort; not possible on every platform)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
     return path
 
 

@@ -106,22 +106,9 @@ def _prepare_out_dir(path: str, name: str = "--out") -> str:
 
 
 def _atomic_save_npy(path: str, arr: np.ndarray) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    from difnumpy._io import atomic_write
+
+    return atomic_write(path, lambda fh: np.save(fh, arr, allow_pickle=False))
 
 
 def _atomic_save_json(path: str, obj) -> str:
@@ -359,7 +346,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from difnumpy import metrics, viz
+    from difnumpy import viz
     from difnumpy.data import load_digits
     from difnumpy.schedules import Schedule
     from difnumpy.train import TrainConfig, train

@@ -30,13 +30,13 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from typing import Any, Callable
 
 import numpy as np
 
+from difnumpy._io import atomic_write
 from difnumpy.trainer import DivergenceError
 
 __all__ = ["TrainConfig", "train", "DivergenceError", "read_log", "load_run_config",
@@ -192,21 +192,7 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------ file helpers
 def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda fh: fh.write(text), binary=False)
 
 
 def read_log(path: str) -> list[dict]:

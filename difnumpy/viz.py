@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from difnumpy._io import atomic_write
 
 __all__ = [
     "make_grid",
@@ -96,28 +97,7 @@ def save_figure(fig: Figure, path) -> str:
     path = _check_path(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates mode 0600; give the figure the usual 0644 (or the mode of the file
-        # it replaces)
-        try:
-            mode = os.stat(path).st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=_DPI))
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 1,

@@ -360,7 +360,6 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad
 @numba.njit(cache=True)
 def _col2im_add(dcols, c0, KH, KW, stride, pad, Ho, Wo, dxp):
     C = dxp.shape[0]
-    Wp = dxp.shape[2]
     for c in range(C):
         for kh in range(KH):
             for kw in range(KW):
