@@ -524,15 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="train on digits, sample with DDPM and DDIM, score, write figures",
                        description="The main command: everything in one directory in about 10 minutes on 2 cores.")
     m.add_argument("--out", default="difnumpy_demo", help="output directory (default difnumpy_demo)")
-    m.add_argument("--minutes", type=_positive_float, default=7.0,
-                   help="training budget in minutes (default 7); sampling and scoring add about 2-3")
+    # demo defaults, chosen by measurement (README): batch 128 at lr 2e-3 on the cosine schedule gave
+    # 88 % confident samples in 7 min where batch 64, lr 1e-3, linear gave 81 %
+    m.add_argument("--minutes", type=_positive_float, default=8.5,
+                   help="training budget in minutes (default 8.5); sampling and scoring add about 1")
     m.add_argument("--steps", type=_positive_int, default=100000, help="training steps cap (default 100000)")
     m.add_argument("--seed", type=_nonneg_int, default=0)
     m.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
-    m.add_argument("--schedule", choices=SCHEDULE_NAMES, default=d.schedule)
+    m.add_argument("--schedule", choices=SCHEDULE_NAMES, default="cosine", help="default cosine")
     m.add_argument("--base-channels", dest="base_channels", type=_positive_int, default=d.base_channels)
-    m.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=d.batch_size)
-    m.add_argument("--lr", type=_positive_float, default=d.lr)
+    m.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=128, help="default 128")
+    m.add_argument("--lr", type=_positive_float, default=2e-3, help="default 2e-3")
     m.add_argument("--ema-decay", dest="ema_decay", type=_unit_float, default=0.995,
                    help="EMA decay (default 0.995: a budget of a few thousand steps)")
     m.add_argument("--checkpoint-every", dest="checkpoint_every", type=_positive_int, default=d.checkpoint_every)
