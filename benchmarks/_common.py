@@ -10,7 +10,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -116,23 +115,12 @@ def machine_info() -> dict:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same folder, then os.replace)."""
+    """Write ``obj`` as JSON to ``path`` atomically (difnumpy's own temp-file + os.replace writer)."""
+    from difnumpy._io import atomic_write
+
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda fh: json.dump(obj, fh, indent=2, sort_keys=True, default=str), binary=False)
 
 
 def print_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:
