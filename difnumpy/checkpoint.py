@@ -150,6 +150,7 @@ def _class_path(cls) -> str:
 def _trainer_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
     if not isinstance(trainer, Trainer):
         raise TypeError(f"trainer must be a difnumpy Trainer, got {type(trainer).__name__}")
+    trainer.sync_to_host()  # backend="cuda": the state of the last step lives on the device
     model = trainer.model
     params = model.params
     config = getattr(model, "config", None)
@@ -201,6 +202,7 @@ def save_checkpoint(path: str | os.PathLike, trainer: Trainer) -> str:
 
     Notes
     -----
+    A ``backend="cuda"`` trainer's device state is downloaded first (:meth:`~difnumpy.trainer.Trainer.sync_to_host`).
     The arrays are written with ``np.savez(..., allow_pickle=False)`` to a temporary file in the same
     directory, flushed and fsynced, then moved over ``path`` with ``os.replace`` (atomic on POSIX and
     Windows); on any error the temporary file is removed and an existing ``path`` is left untouched.
@@ -370,7 +372,8 @@ def load_checkpoint(path: str | os.PathLike, *, model_cls=None, backend: str | N
 
     Model parameters, EMA parameters, optimizer moments and step count, the schedule, the
     hyperparameters and the rng state are restored, so that further ``trainer.step`` calls give
-    bit-for-bit the results an uninterrupted run would have given.
+    bit-for-bit the results an uninterrupted run would have given (on the same backend; a
+    ``backend="cuda"`` trainer gets the restored state uploaded to the device).
 
     Parameters
     ----------
@@ -416,6 +419,7 @@ def load_checkpoint(path: str | os.PathLike, *, model_cls=None, backend: str | N
         ema_state = {"decay": meta["ema"]["decay"], "num_updates": meta["ema"]["num_updates"]}
         ema_state.update({f"params/{k}": arrays[f"ema/{k}"] for k in meta["params"]})
         trainer.ema.load_state_dict(ema_state)
+        trainer.sync_to_device()  # backend="cuda": the next step starts from the restored state
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"checkpoint file {path!r}: cannot restore the trainer: {e}") from None
     return trainer

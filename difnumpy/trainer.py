@@ -18,7 +18,7 @@ import numpy as np
 
 from difnumpy._validation import as_generator, check_choice
 from difnumpy.diffusion import get_velocity, q_sample
-from difnumpy.kernels import BACKENDS
+from difnumpy.kernels import BACKENDS, get_backend
 from difnumpy.nn.optim import EMA, Adam, AdamW, clip_grad_norm, lr_at
 from difnumpy.schedules import Schedule
 
@@ -152,7 +152,7 @@ class Trainer:
     Parameters
     ----------
     model : UNet-like
-        Trained in place (its ``.params`` arrays are updated).
+        Trained in place (its ``.params`` arrays are updated; with ``backend="cuda"`` on the device, see Notes).
     schedule : Schedule
     lr : float, default 2e-4
         Base learning rate (DDPM used 2e-4 for CIFAR10, Ho et al. 2020, Appendix B).
@@ -169,8 +169,12 @@ class Trainer:
     optimizer : {"adam", "adamw"}, default "adam"
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8
-    backend : str or None
-        Kernel backend of the optimizer; by default the model's ``backend`` (else "cpu").
+    backend : {"numpy", "cpu", "cuda"} or None
+        By default the model's ``backend`` (else "cpu"). "numpy" / "cpu": the step runs on the host with
+        that backend's optimizer kernels (the model's forward/backward use the model's own backend).
+        "cuda": the whole step runs on the GPU (:class:`difnumpy.kernels.cuda.DeviceTrainStep`, the
+        model must be a :class:`difnumpy.nn.unet.UNet`); without a usable GPU (or the CUDA simulator) a
+        RuntimeError says why.
 
     Attributes
     ----------
@@ -182,6 +186,25 @@ class Trainer:
         Number of updates applied.
     last_loss, last_grad_norm, last_lr : float or None
         Figures of the last successful step (grad norm before clipping).
+
+    Notes
+    -----
+    Host and device state with ``backend="cuda"``: the parameters, Adam's moments and the EMA stay on
+    the device between steps; a step copies up the batch, ``eps`` and what depends on ``t`` (drawn on
+    the host from :attr:`rng`, as on the CPU) and copies down the loss and the gradient norm. The host
+    arrays (``model.params``, ``ema_model.params`` = ``ema.params``, ``optimizer.m`` / ``.v``) are copies
+    refreshed lazily: reading :attr:`model`, :attr:`ema_model`, :attr:`ema` or :attr:`optimizer` through
+    the trainer, or calling :meth:`sync_to_host` (as :func:`difnumpy.checkpoint.save_checkpoint` does),
+    first downloads the device state if a step ran since the last download. The arrays are refreshed in
+    place, so a reference to the model or its params kept outside the trainer is current after any of
+    these calls, and stale before. Scalars (``step_count``, ``optimizer.lr``, ``ema.num_updates``,
+    ``last_*``) are host values and always current.
+
+    Host to device: replacing a params dict (``model.set_params(...)``, ``ema_model.set_params(...)``) is
+    picked up at the next step, as on the CPU (the new values are uploaded). In-place edits of host
+    arrays reach the device only through :meth:`sync_to_device`, which uploads every host array (call
+    :meth:`sync_to_host`, or read them through the trainer, before editing). On host backends both sync
+    methods do nothing.
     """
 
     def __init__(self, model, schedule: Schedule, lr: float = 2e-4, ema_decay: float = 0.999, rng=None,
@@ -206,46 +229,115 @@ class Trainer:
             raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        self.model = model
+        self._model = model
         self.schedule = schedule
         self.rng = as_generator(rng)
         self.grad_clip = grad_clip
         self.warmup_steps = int(warmup_steps)
         self.backend = _model_backend(model) if backend is None else backend
         opt_cls = AdamW if self.optimizer_name == "adamw" else Adam
-        self.optimizer = opt_cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                 backend=self.backend)
-        self.lr = self.optimizer.lr  # base learning rate (the optimizer's lr follows the warmup)
-        self.ema_model = _clone_model(model)
-        self.ema = EMA(self.ema_model.params, ema_decay, copy=False)
+        self._optimizer = opt_cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                  backend=self.backend)
+        self.lr = self._optimizer.lr  # base learning rate (the optimizer's lr follows the warmup)
+        self._ema_model = _clone_model(model)
+        self._ema = EMA(self._ema_model.params, ema_decay, copy=False)
+        self._device = None
+        if self.backend == "cuda":
+            # the whole step on the GPU; the host optimizer and EMA become its mirrors (class Notes)
+            self._device = get_backend("cuda").DeviceTrainStep(
+                model, schedule, grad_clip=grad_clip, rng=self.rng, prediction_type=self.prediction_type,
+                optimizer=self._optimizer, ema=self._ema, error=DivergenceError)
         self.last_loss: float | None = None
         self.last_grad_norm: float | None = None
         self.last_lr: float | None = None
 
+    # The host views: with backend="cuda" they are brought up to date on access (class Notes).
+    @property
+    def model(self):
+        """The trained model (its params current on the host, see :meth:`sync_to_host`)."""
+        self.sync_to_host()
+        return self._model
+
+    @property
+    def ema_model(self):
+        """A model of the same class holding the EMA parameters (current on the host)."""
+        self.sync_to_host()
+        return self._ema_model
+
+    @property
+    def ema(self) -> EMA:
+        """The :class:`~difnumpy.nn.optim.EMA` whose arrays are ``ema_model.params`` (current on the host)."""
+        self.sync_to_host()
+        return self._ema
+
+    @property
+    def optimizer(self) -> Adam:
+        """The :class:`~difnumpy.nn.optim.Adam` / ``AdamW`` (moments current on the host)."""
+        self.sync_to_host()
+        return self._optimizer
+
     @property
     def step_count(self) -> int:
         """Number of updates applied so far."""
-        return self.optimizer.step_count
+        return self._optimizer.step_count
 
     @property
     def ema_decay(self) -> float:
-        return self.ema.decay
+        return self._ema.decay
 
     def hparams(self) -> dict:
         """The constructor's hyperparameters as a JSON-able dict (``Trainer(model, schedule, rng=..., **hparams)``)."""
-        return {"lr": self.lr, "ema_decay": self.ema.decay, "prediction_type": self.prediction_type,
-                "weight_decay": self.optimizer.weight_decay, "grad_clip": self.grad_clip,
+        opt = self._optimizer
+        return {"lr": self.lr, "ema_decay": self._ema.decay, "prediction_type": self.prediction_type,
+                "weight_decay": opt.weight_decay, "grad_clip": self.grad_clip,
                 "warmup_steps": self.warmup_steps, "optimizer": self.optimizer_name,
-                "betas": list(self.optimizer.betas), "eps": self.optimizer.eps, "backend": self.backend}
+                "betas": list(opt.betas), "eps": opt.eps, "backend": self.backend}
 
     def __repr__(self) -> str:
         return (f"Trainer(step_count={self.step_count}, lr={self.lr}, optimizer={self.optimizer_name!r}, "
-                f"prediction_type={self.prediction_type!r}, ema_decay={self.ema.decay}, "
+                f"prediction_type={self.prediction_type!r}, ema_decay={self._ema.decay}, "
                 f"grad_clip={self.grad_clip}, warmup_steps={self.warmup_steps})")
+
+    def sync_to_host(self) -> None:
+        """Copy the device state into the host arrays (``backend="cuda"``; a no-op on host backends).
+
+        Afterwards ``model.params``, ``ema_model.params`` (= ``ema.params``) and ``optimizer.m`` / ``.v``
+        hold the values of the last step, updated in place. Nothing is copied when no step ran since
+        the last download. Called by the :attr:`model`, :attr:`ema_model`, :attr:`ema` and
+        :attr:`optimizer` properties and by :func:`difnumpy.checkpoint.save_checkpoint`.
+        """
+        if self._device is None:
+            return
+        self._sync_params()  # a replaced params dict goes up first, so the download cannot overwrite it
+        self._device.download()
+
+    def sync_to_device(self) -> None:
+        """Upload the host arrays (params, EMA params, Adam moments) after editing them in place.
+
+        ``backend="cuda"`` only (a no-op on host backends): makes in-place host edits, e.g. a restored
+        checkpoint's state, the state the next step starts from.
+
+        Raises
+        ------
+        RuntimeError
+            If a step ran since the host arrays were last refreshed: they are stale, and uploading them
+            would silently undo those steps. Read them through the trainer (or call :meth:`sync_to_host`)
+            before editing them.
+        """
+        if self._device is None:
+            return
+        self._sync_params()
+        if not self._device.host_current:
+            raise RuntimeError("sync_to_device: the host arrays are older than the device state (a step ran "
+                               "since they were last refreshed); call sync_to_host() (or read them through "
+                               "trainer.model / .ema_model / .optimizer / .ema) before editing them")
+        self._device.upload()
 
     def _sync_params(self) -> None:
         # A model may replace its params dict (e.g. UNet.set_params); follow it, same keys and shapes.
-        for owner, holder, name in ((self.model, self.optimizer, "model"), (self.ema_model, self.ema, "ema_model")):
+        replaced = set()
+        for owner, holder, name in ((self._model, self._optimizer, "model"),
+                                    (self._ema_model, self._ema, "ema_model")):
             new = _model_params(owner)
             if holder.params is new:
                 continue
@@ -254,12 +346,22 @@ class Trainer:
                                            for k in old):
                 raise ValueError(f"{name}.params was replaced by arrays of other keys, shapes or dtypes")
             holder.params = new
+            replaced.add(name)
+        if self._device is not None and replaced:
+            # the new dict holds the caller's values: they go up; the rest of the state stays on the device
+            self._device.upload(params="model" in replaced, ema="ema_model" in replaced, optimizer=False)
 
     def step(self, x0_batch: np.ndarray) -> float:
         """One training step on a clean batch; returns the loss (before the update).
 
         Order: lr from the warmup schedule; :func:`loss_and_grads` (draws t then eps from :attr:`rng`);
-        clip the gradients to :attr:`grad_clip`; optimizer update; EMA update.
+        clip the gradients to :attr:`grad_clip`; optimizer update; EMA update. With ``backend="cuda"``
+        the same step runs on the device (:meth:`difnumpy.kernels.cuda.DeviceTrainStep.step`).
+
+        Parameters
+        ----------
+        x0_batch : ndarray, shape (N, C, H, W), float
+            Clean batch (cast to the model's dtype).
 
         Raises
         ------
@@ -268,16 +370,21 @@ class Trainer:
         """
         self._sync_params()
         lr = lr_at(self.step_count + 1, self.lr, self.warmup_steps)
-        loss, grads = loss_and_grads(self.model, self.schedule, x0_batch, self.rng, self.prediction_type)
-        if not math.isfinite(loss):
-            raise DivergenceError(f"non-finite loss ({loss}) at step {self.step_count + 1}; "
-                                  f"the update was not applied")
-        norm = clip_grad_norm(grads, self.grad_clip)
-        if not math.isfinite(norm):
-            raise DivergenceError(f"non-finite gradient norm ({norm}) at step {self.step_count + 1}; "
-                                  f"the update was not applied")
-        self.optimizer.lr = lr
-        self.optimizer.step(grads)
-        self.ema.update(self.model.params)
+        if self._device is not None:  # backend="cuda": the one dispatch point
+            loss = self._device.step(_check_x0(x0_batch), lr, rng=self.rng, grad_clip=self.grad_clip,
+                                     prediction_type=self.prediction_type)
+            norm = self._device.last_grad_norm
+        else:
+            loss, grads = loss_and_grads(self._model, self.schedule, x0_batch, self.rng, self.prediction_type)
+            if not math.isfinite(loss):
+                raise DivergenceError(f"non-finite loss ({loss}) at step {self.step_count + 1}; "
+                                      f"the update was not applied")
+            norm = clip_grad_norm(grads, self.grad_clip)
+            if not math.isfinite(norm):
+                raise DivergenceError(f"non-finite gradient norm ({norm}) at step {self.step_count + 1}; "
+                                      f"the update was not applied")
+            self._optimizer.lr = lr
+            self._optimizer.step(grads)
+            self._ema.update(self._model.params)
         self.last_loss, self.last_grad_norm, self.last_lr = loss, norm, lr
         return loss

@@ -281,7 +281,8 @@ _PTX_SCRIPT = textwrap.dedent("""
                 "conv_fwd_tiled_k": (a4, a4, a1, i8, i8, i8, a4), "conv_bwd_input_k": (a4, a4, i8, i8, a4),
                 "conv_bwd_weight_k": (a4, a4, i8, i8, a4, a1), "gn_fwd_k": (a4, a1, a1, i8, nt, boolean, a4, a2, a2),
                 "gn_bwd_dx_k": (a4, a4, a1, a1, a2, a2, i8, boolean, a3, a4), "adam_k": (a1,) * 4 + (nt,) * 8,
-                "mse_k": (a1, a1, nt, a1, a1), "ema_k": (a1, a1, nt, nt), "silu_k": (a1, a1)}
+                "mse_k": (a1, a1, nt, a1, a1), "ema_k": (a1, a1, nt, nt), "silu_k": (a1, a1),
+                "axpy_k": (a1, a1, nt)}
         for name, sig in sigs.items():
             ptx, _ = cuda.compile_ptx(getattr(ks, name).py_func, sig, cc=(7, 5))
             print(np.dtype(dt).name, name, ptx.count(".f64"))
@@ -297,7 +298,7 @@ def test_float32_kernels_compile_without_f64_instructions():
                     f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     counts = {tuple(line.split()[:2]): int(line.split()[2]) for line in r.stdout.splitlines()}
     f32 = {k[1]: v for k, v in counts.items() if k[0] == "float32"}
-    assert len(f32) == 11
+    assert len(f32) == 12
     assert all(v == 0 for v in f32.values()), f"float64 instructions in float32 kernels: {f32}"
     # the check can fail: the float64 builds do show .f64
     assert counts[("float64", "sampler_k")] > 0

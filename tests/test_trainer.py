@@ -1,5 +1,9 @@
 """loss_and_grads and Trainer: the DDPM loss, its gradients, divergence handling, determinism."""
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -228,3 +232,27 @@ def test_unet_same_seed_bit_for_bit_and_nan_refused(schedule):
     for k in before:
         np.testing.assert_array_equal(trainer.model.params[k], before[k])  # NaN == NaN here
         np.testing.assert_array_equal(trainer.ema.params[k], ema_before[k])
+
+
+def test_cuda_trainer_without_gpu_is_a_clear_runtime_error():
+    # a fresh interpreter without NUMBA_ENABLE_CUDASIM: backend="cuda" must refuse, naming the way out
+    code = textwrap.dedent("""
+        import numba.cuda
+        if numba.cuda.is_available():
+            print("HAS_GPU")
+        else:
+            from difnumpy import Schedule, Trainer, UNet
+            model = UNet(base_channels=4, channel_mults=(1,), groups=2, rng=0, backend="cpu")
+            try:
+                Trainer(model, Schedule.from_name("linear", 10), backend="cuda")
+            except RuntimeError as e:
+                print("RUNTIMEERROR", e)
+            else:
+                print("NO ERROR")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "DIFNUMPY_CUDA_COMPILE_ONLY")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if "HAS_GPU" in r.stdout:
+        pytest.skip("a real GPU is present")
+    assert "RUNTIMEERROR" in r.stdout, r.stdout + r.stderr
+    assert "backend='cuda'" in r.stdout and "NUMBA_ENABLE_CUDASIM" in r.stdout

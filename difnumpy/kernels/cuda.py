@@ -9,7 +9,9 @@ forward/backward, linear forward/backward, mse_loss, ema_update) and a test asse
 Transfers (DESIGN.md, convention 6): every host wrapper accepts NumPy arrays *or* device arrays.
 NumPy in -> copied up, computed, copied down, NumPy out. Device arrays in -> the result stays on the
 device (a device array is returned; in-place kernels update the device arrays), so loops such as
-:func:`sample_device` and :class:`DeviceUNet` copy inputs up once and results down once.
+:func:`sample_device` and :class:`DeviceUNet` copy inputs up once and results down once, and
+:class:`DeviceTrainStep` (what ``Trainer(backend="cuda")`` runs) keeps parameters, Adam's moments and
+the EMA on the device across steps.
 
 Noise is drawn on the device from ``numba.cuda.random`` xoroshiro128p states seeded from the user's
 ``np.random.Generator`` (``seed = rng.integers(2**63)``): the same seed gives the same draws on the same
@@ -74,7 +76,7 @@ __all__ = [
     "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
     "group_norm_silu_forward", "group_norm_silu_backward", "adam_update",
     "upsample_nearest2x_forward", "upsample_nearest2x_backward", "linear_forward", "linear_backward",
-    "mse_loss", "ema_update", "DeviceUNet", "sample_device", "DeviceRandom",
+    "mse_loss", "ema_update", "DeviceUNet", "sample_device", "DeviceRandom", "DeviceTrainStep",
 ]
 
 
@@ -712,6 +714,12 @@ def _build(dt: np.dtype) -> SimpleNamespace:  # noqa: C901 (one closure per kern
             a[i] = a[i] + b[i]
 
     @cuda.jit
+    def axpy_k(a, b, s):
+        # a += s * b (Adam's L2 penalty g + wd * p, in the arrays' dtype like the CPU Adam)
+        for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
+            a[i] = a[i] + s * b[i]
+
+    @cuda.jit
     def add_bias_k(h, t):
         # h[n, c, :, :] += t[n, c]
         C, H, W = h.shape[1], h.shape[2], h.shape[3]
@@ -1256,9 +1264,18 @@ class DeviceUNet:
         self.upload()
 
     def upload(self) -> None:
-        """Copy ``model.params`` to the device (replacing the device copies)."""
-        self.params = {k: cuda.to_device(np.ascontiguousarray(v, dtype=self.dtype))
-                       for k, v in self.model.params.items()}
+        """Copy ``model.params`` to the device.
+
+        Existing device arrays are overwritten in place (their identity is kept, so references to them,
+        e.g. a :class:`DeviceTrainStep`'s, stay valid); missing ones are allocated.
+        """
+        for k, v in self.model.params.items():
+            host = np.ascontiguousarray(v, dtype=self.dtype)
+            d = self.params.get(k)
+            if d is not None and tuple(d.shape) == host.shape:
+                d.copy_to_device(host)
+            else:
+                self.params[k] = cuda.to_device(host)
 
     def download(self) -> None:
         """Copy the device parameters into ``model.params`` (in place)."""
@@ -1522,79 +1539,229 @@ def sample_device(model, schedule, shape, *, method: str = "ddim", num_steps: in
     return x if return_device else x.copy_to_host()
 
 
+_SAME = object()  # DeviceTrainStep.step: "use the value given to the constructor"
+
+
 class DeviceTrainStep:
     """The DDPM training step (Ho et al. 2020, Algorithm 1) with parameters, Adam and EMA on the device.
 
+    The device-resident twin of :meth:`difnumpy.trainer.Trainer.step` (which dispatches here for
+    ``backend="cuda"``): the same rng draws, loss target, clipping, Adam / AdamW and EMA update, with
+    the host ``optimizer`` and ``ema`` objects as *mirrors*. Their scalars (``lr``, ``step_count``,
+    ``betas``, ``eps``, ``weight_decay``, ``decay``, ``num_updates``) are read and written on the host at
+    every step (no transfer); their arrays (``m``, ``v``, the EMA parameters) and ``model.params`` hold
+    the values of the last :meth:`download` (or :meth:`upload`).
+
     Parameters
     ----------
-    model : UNet
+    model : difnumpy.nn.unet.UNet
+        Its parameters are copied up once (a :class:`DeviceUNet`); :meth:`download` copies them back.
     schedule : Schedule
-    lr, betas, eps, weight_decay : Adam / AdamW hyperparameters (``decoupled`` selects AdamW)
-    ema_decay : float
-    grad_clip : float or None, global-norm clipping (Pascanu et al. 2013)
-    rng : numpy.random.Generator or int, draws ``t`` then ``eps`` on the host like
-        :func:`difnumpy.trainer.loss_and_grads` (so a step matches the CPU path for the same rng)
+    lr, betas, eps, weight_decay, decoupled : Adam / AdamW hyperparameters (``decoupled`` selects AdamW);
+        used to build the host ``optimizer`` mirror when none is given, ignored otherwise.
+    ema_decay : float, decay of the EMA mirror built when ``ema`` is None (ignored otherwise).
+    grad_clip : float > 0 or None
+        Global-norm clipping bound (Pascanu et al. 2013), as :func:`difnumpy.nn.optim.clip_grad_norm`.
+    rng : numpy.random.Generator or int
+        Draws ``t`` then ``eps`` on the host exactly as :func:`difnumpy.trainer.loss_and_grads`, so a
+        step matches the CPU path for the same rng.
+    prediction_type : {"epsilon", "sample", "v_prediction"}, default "epsilon"
+        Regression target ``eps``, ``x0`` or ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``.
+    optimizer : difnumpy.nn.optim.Adam or AdamW, optional
+        Host mirror of the optimizer (``params`` with the keys of ``model.params``); by default a new one.
+    ema : difnumpy.nn.optim.EMA, optional
+        Host mirror of the EMA (its warm-up and counter are used); by default ``EMA(model.params, ema_decay)``.
+    error : type, default FloatingPointError
+        Exception raised for a non-finite loss or gradient norm (the Trainer passes DivergenceError).
+
+    Attributes
+    ----------
+    net : DeviceUNet (``net.params``: the device parameters)
+    m, v, ema_params : dict[str, device array], shapes of ``model.params``, the model's dtype
+        Adam's moments and the EMA parameters on the device.
+    host_current : bool
+        True while the host mirrors hold the device values (False after a step until :meth:`download`).
+    last_loss, last_grad_norm : float or None
 
     Notes
     -----
-    ``step(x0)`` copies the batch, ``t`` and ``eps`` up; everything else stays on the device. Call
-    :meth:`download` to copy the parameters (and EMA) back into ``model.params`` / ``ema_params``.
+    ``step(x0)`` copies up the batch, ``eps``, the per-sample coefficients of ``t`` and the timestep
+    embedding, and copies down two small arrays of per-block partial sums (the loss and the squared
+    gradient norm, summed in float64 on the host). Parameters, gradients, moments and EMA never cross.
+    Every device array keeps its identity for the object's lifetime (:meth:`upload` copies in place).
     """
 
     def __init__(self, model, schedule, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 decoupled=False, ema_decay=0.999, grad_clip=1.0, rng=None):
-        self.net = DeviceUNet(model)
+                 decoupled=False, ema_decay=0.999, grad_clip=1.0, rng=None, *, prediction_type: str = "epsilon",
+                 optimizer=None, ema=None, error: type = FloatingPointError):
+        from difnumpy.nn.optim import EMA, Adam, AdamW
+        from difnumpy.samplers import PREDICTION_TYPES
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        try:
+            self.net = DeviceUNet(model)
+        except TypeError as e:
+            raise TypeError(f"the device training step (backend='cuda') trains a difnumpy UNet; {e}. Train other "
+                            f"models with backend='cpu' (their own kernels may still run on the GPU)") from None
         self.schedule = schedule
-        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
-        self.decoupled = bool(decoupled)
-        self.ema_decay, self.grad_clip = float(ema_decay), grad_clip
+        self.grad_clip, self.prediction_type, self.error = grad_clip, prediction_type, error
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        P = self.net.params
-        self.m = {k: cuda.to_device(np.zeros(p.shape, dtype=p.dtype)) for k, p in P.items()}
-        self.v = {k: cuda.to_device(np.zeros(p.shape, dtype=p.dtype)) for k, p in P.items()}
-        self.ema = {k: cuda.to_device(np.ascontiguousarray(model.params[k])) for k in P}
-        self.step_count = 0
-
-    def step(self, x0) -> float:
-        """One step on a clean batch ``x0`` (N, C, H, W); returns the loss before the update."""
+        if optimizer is None:
+            opt_cls = AdamW if decoupled else Adam
+            optimizer = opt_cls(model.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                backend="numpy")
+        if ema is None:
+            ema = EMA(model.params, ema_decay)
+        for name, mirror in (("optimizer", optimizer), ("ema", ema)):
+            if set(mirror.params) != set(model.params):
+                raise ValueError(f"{name}.params must have the keys of model.params")
+        self.optimizer, self.ema = optimizer, ema
         dt = self.net.dtype
+        # moments and EMA start from the mirrors (zeros / a copy of the parameters for a new trainer,
+        # restored values after load_checkpoint, which calls upload again)
+        self.m = {k: cuda.to_device(np.ascontiguousarray(optimizer.m[k], dtype=dt)) for k in self.net.params}
+        self.v = {k: cuda.to_device(np.ascontiguousarray(optimizer.v[k], dtype=dt)) for k in self.net.params}
+        self.ema_params = {k: cuda.to_device(np.ascontiguousarray(ema.params[k], dtype=dt)) for k in self.net.params}
+        self.host_current = True
+        self.last_loss: float | None = None
+        self.last_grad_norm: float | None = None
+        self._partial = None  # per-block partial sums of the squared gradient norm (allocated once)
+
+    @property
+    def step_count(self) -> int:
+        """Number of updates applied (the optimizer mirror's ``step_count``)."""
+        return self.optimizer.step_count
+
+    def _target(self, d_x0, d_noise, sab, s1m, prediction_type):
+        """The regression target on the device, shape (N, M) (Ho et al. eq. 14; Salimans & Ho Sec. 4)."""
+        if prediction_type == "epsilon":
+            return d_noise
+        if prediction_type == "sample":
+            return d_x0
+        if prediction_type == "v_prediction":
+            # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0: q_sample's kernel a x0 + b eps, (a, b) = (-s1m, sab)
+            return q_sample(d_x0, d_noise, -s1m, sab)
+        raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+
+    def _global_norm(self, grads: dict) -> float:
+        """``sqrt(sum_k ||g_k||^2)``: per-block partials of all arrays into one buffer, one copy down."""
+        dt = self.net.dtype
+        blocks = [max(1, min((int(g.size) + _RED - 1) // _RED, _MAX_BLOCKS)) for g in grads.values()]
+        total = sum(blocks)
+        if self._partial is None or self._partial.shape[0] != total:
+            self._partial = cuda.device_array((total,), dtype=dt)
+        off = 0
+        for g, b in zip(grads.values(), blocks):
+            _k(dt).sumsq_k[b, _RED](_flat(g), self._partial[off:off + b])
+            off += b
+        return math.sqrt(float(self._partial.copy_to_host().astype(np.float64).sum()))
+
+    def step(self, x0, lr=None, *, rng=None, grad_clip=_SAME, prediction_type=None) -> float:
+        """One training step on a clean batch; returns the loss (before the update).
+
+        Parameters
+        ----------
+        x0 : ndarray, shape (N, C, H, W), float
+            Clean batch, cast to the model's dtype and copied up.
+        lr : float, optional
+            Learning rate of this update (the Trainer's warmup value); by default ``optimizer.lr``.
+        rng, grad_clip, prediction_type : optional
+            This step's values instead of the constructor's (the Trainer passes its current ones).
+
+        Returns
+        -------
+        loss : float
+            ``mean((model(x_t, t) - target)**2)``.
+
+        Raises
+        ------
+        error (FloatingPointError or the constructor's ``error``)
+            If the loss or the gradient norm is not finite; nothing is updated then (the rng has advanced).
+
+        Notes
+        -----
+        Order as :meth:`difnumpy.trainer.Trainer.step`: draw ``t`` then ``eps``; ``x_t`` (DDPM eq. 4);
+        forward, MSE, backward; global norm, clip ``g *= c / (norm + 1e-6)`` if ``norm > c``; Adam / AdamW
+        (Kingma & Ba Alg. 1; L2 penalty ``g + wd p`` for Adam, decoupled decay for AdamW); EMA with the
+        mirror's warm-up decay. Parameters, moments and EMA are updated on the device only.
+        """
+        opt, ema = self.optimizer, self.ema
+        rng = self.rng if rng is None else rng
+        grad_clip = self.grad_clip if grad_clip is _SAME else grad_clip
+        prediction_type = prediction_type or self.prediction_type
+        lr = opt.lr if lr is None else float(lr)
+        dt = self.net.dtype
+        ks = _k(dt)
+        step = opt.step_count + 1
         x0 = np.ascontiguousarray(to_host(x0), dtype=dt)
         n = x0.shape[0]
-        t = self.rng.integers(0, self.schedule.num_timesteps, size=n, dtype=np.int64)
-        noise = self.rng.standard_normal(x0.shape, dtype=dt)
-        d_noise = cuda.to_device(noise)
-        x_t = q_sample(cuda.to_device(x0.reshape(n, -1)), d_noise.reshape(n, noise[0].size),
-                       self.schedule.sqrt_alphas_cumprod[t], self.schedule.sqrt_one_minus_alphas_cumprod[t])
+        t = rng.integers(0, self.schedule.num_timesteps, size=n, dtype=np.int64)
+        noise = rng.standard_normal(x0.shape, dtype=dt)
+        d_x0 = cuda.to_device(x0.reshape(n, -1))
+        d_noise = cuda.to_device(noise.reshape(n, -1))
+        sab, s1m = self.schedule.sqrt_alphas_cumprod[t], self.schedule.sqrt_one_minus_alphas_cumprod[t]
+        x_t = q_sample(d_x0, d_noise, sab, s1m)
+        target = self._target(d_x0, d_noise, sab, s1m, prediction_type)
         out, cache = self.net.forward(x_t.reshape(*x0.shape), t)
-        loss, dout = mse_loss(out, d_noise)
+        loss, dout = mse_loss(out, target.reshape(*x0.shape))
         if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({loss}); the update was not applied")
+            raise self.error(f"non-finite loss ({loss}) at step {step}; the update was not applied")
         grads = self.net.backward(dout, cache)
-        norm = math.sqrt(sum(_sumsq(g) for g in grads.values()))
+        norm = self._global_norm(grads)
         if not math.isfinite(norm):
-            raise FloatingPointError(f"non-finite gradient norm ({norm}); the update was not applied")
-        if self.grad_clip is not None and norm > self.grad_clip:
-            s = dt.type(self.grad_clip / (norm + 1e-6))
+            raise self.error(f"non-finite gradient norm ({norm}) at step {step}; the update was not applied")
+        if grad_clip is not None and norm > grad_clip:
+            s = dt.type(grad_clip / (norm + 1e-6))
             for g in grads.values():
-                _k(dt).scale_k[_grid1d(g.size)](_flat(g), s)
-        from difnumpy.nn.optim import ema_decay_at
-        ema_decay = ema_decay_at(self.ema_decay, self.step_count)  # the CPU EMA's warm-up, same n
-        self.step_count += 1
-        b1, b2 = self.betas
+                ks.scale_k[_grid1d(g.size)](_flat(g), s)
+        b1, b2 = opt.betas
+        wd = float(opt.weight_decay)
+        decoupled = bool(getattr(opt, "decoupled", False))
+        ema_decay = ema.current_decay()  # the host EMA's warm-up, same update count
         for k, p in self.net.params.items():
             g = grads[k]
-            if self.weight_decay and not self.decoupled:
-                g = g.copy_to_host() + np.asarray(self.weight_decay, dtype=dt) * p.copy_to_host()
-                g = cuda.to_device(g)
-            adam_update(p, g, self.m[k], self.v[k], self.lr, b1, b2, self.eps,
-                        self.weight_decay if self.decoupled else 0.0, self.step_count)
-            ema_update(self.ema[k], p, ema_decay)
-        self.last_grad_norm = norm
+            if wd != 0.0 and not decoupled:
+                ks.axpy_k[_grid1d(g.size)](_flat(g), _flat(p), dt.type(wd))  # L2 penalty, as Adam.step
+            adam_update(p, g, self.m[k], self.v[k], lr, b1, b2, opt.eps, wd if decoupled else 0.0, step)
+            ema_update(self.ema_params[k], p, ema_decay)
+        # the mirrors' scalars follow at once (host values, no transfer); their arrays are now stale
+        opt.lr, opt.step_count = lr, step
+        ema.num_updates += 1
+        self.host_current = False
+        self.last_loss, self.last_grad_norm = loss, norm
         return loss
 
     def download(self, ema_params: dict | None = None) -> None:
-        """Copy the parameters into ``model.params`` (and the EMA into ``ema_params`` if given)."""
-        self.net.download()
+        """Copy the device state into the host mirrors: ``model.params``, ``optimizer.m``/``v``, ``ema.params``.
+
+        A no-op when :attr:`host_current` (nothing changed on the device since the last copy), except
+        that ``ema_params`` (a dict of host arrays), if given, always receives the EMA parameters.
+        """
+        if not self.host_current:
+            self.net.download()
+            for k in self.net.params:
+                self.m[k].copy_to_host(self.optimizer.m[k])
+                self.v[k].copy_to_host(self.optimizer.v[k])
+                self.ema_params[k].copy_to_host(self.ema.params[k])
+            self.host_current = True
         if ema_params is not None:
-            for k, d in self.ema.items():
+            for k, d in self.ema_params.items():
                 d.copy_to_host(ema_params[k])
+
+    def upload(self, params: bool = True, ema: bool = True, optimizer: bool = True) -> None:
+        """Copy host mirrors to the device, in place: ``model.params``, ``ema.params``, ``optimizer.m``/``v``.
+
+        Used after the host values were changed (a checkpoint restored, parameters replaced). Uploading
+        all three makes :attr:`host_current` True; uploading mirrors that are stale (``host_current``
+        False) would discard device updates, which is the caller's decision.
+        """
+        dt = self.net.dtype
+        if params:
+            self.net.upload()
+        for flag, dev, host in ((ema, self.ema_params, self.ema.params), (optimizer, self.m, self.optimizer.m),
+                                (optimizer, self.v, self.optimizer.v)):
+            if flag:
+                for k, d in dev.items():
+                    d.copy_to_device(np.ascontiguousarray(host[k], dtype=dt))
+        if params and ema and optimizer:
+            self.host_current = True
