@@ -52,6 +52,48 @@ def test_conv2d_kernels_match_reference(case, dtype):
     _close(db, db_ref, dtype)
 
 
+# 3x3 / stride 1 / pad 1: the Winograd F(2x2, 3x3) path. Odd sizes leave partial 2x2 tiles; 1-pixel images
+# are all padding but the centre; N = 70 at 8x8 spans several chunks (and both threads of a 2-core run).
+WINO_CASES = [(1, 1, 1, 1, 1), (2, 3, 1, 5, 2), (2, 2, 5, 1, 3), (3, 5, 7, 9, 4), (2, 4, 4, 4, 6),
+              (70, 3, 8, 8, 5), (3, 17, 6, 10, 33)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WINO_CASES)
+def test_winograd_conv_matches_reference_and_im2col(case, dtype, monkeypatch):
+    N, C, H, W, F = case
+    assert cpu._conv_mode(3, 3, 1, 1) == 3  # the path under test is the one the U-Net takes
+    rng = np.random.default_rng(sum(case))
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, 3, 3)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    dout = rng.standard_normal((N, F, H, W)).astype(dtype)
+    got = (cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1),
+           *cpu.conv2d_backward_weight(dout, x, w.shape, 1, 1))
+    want = (ref.conv2d_forward(x, w, b, 1, 1), ref.conv2d_backward_input(dout, w, x.shape, 1, 1),
+            *ref.conv2d_backward_weight(dout, x, w.shape, 1, 1))
+    monkeypatch.setattr(cpu, "USE_WINOGRAD", False)
+    assert cpu._conv_mode(3, 3, 1, 1) == 0
+    im2col = (cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1),
+              *cpu.conv2d_backward_weight(dout, x, w.shape, 1, 1))
+    for g, r, i in zip(got, want, im2col):
+        assert g.dtype == dtype and g.shape == r.shape and g.flags.c_contiguous
+        _close(g, r, dtype)
+        _close(i, r, dtype)
+
+
+def test_winograd_transform_matrices_reproduce_a_direct_tile():
+    """Y = A^T [(G g G^T) * (B^T d B)] A equals the 2x2 valid correlation of one 4x4 tile (Lavin & Gray eq. 8)."""
+    rng = np.random.default_rng(1)
+    d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
+    Gm = cpu._WINO_G
+    Bt = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float)
+    At = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)
+    y = At @ ((Gm @ g @ Gm.T) * (Bt @ d @ Bt.T)) @ At.T
+    direct = np.array([[np.sum(d[i:i + 3, j:j + 3] * g) for j in range(2)] for i in range(2)])
+    np.testing.assert_allclose(y, direct, rtol=1e-13, atol=1e-13)
+
+
 def test_conv2d_forward_is_not_trivially_equal():
     """The comparison can fail: a wrong weight layout is caught."""
     rng = np.random.default_rng(0)
