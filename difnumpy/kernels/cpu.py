@@ -596,7 +596,8 @@ def _wino_backward_weight(dout, x):
     _run_split(_wino_bwd_weight_kernel, nt, True, dout, x, th, tw, G, dU_parts)
     dw = np.empty((F, C, 3, 3), x.dtype)
     _wino_weight_grad(dU_parts.sum(axis=0) if nt > 1 else dU_parts[0], dw)
-    db = dout.sum(axis=(0, 2, 3), dtype=np.float64)
+    # per-plane float32 sums over the contiguous H*W axis, then float64 over N (fast; (0, 2, 3) is not)
+    db = dout.reshape(N, F, H * W).sum(axis=2).sum(axis=0, dtype=np.float64)
     return dw, db.astype(x.dtype)
 
 
@@ -876,6 +877,16 @@ def _sigmoid_seg(y, s, ibuf, fbuf, fast):
             s[i] = 1.0 / (1.0 + math.exp(-y[i]))
 
 
+@numba.njit(cache=True, inline="always")
+def _expand_channels(v, HW, out):
+    """out[c*HW + l] = v[c]: per-channel parameters laid out like one image, for whole-block loops."""
+    for c in range(v.shape[0]):
+        seg = out[c * HW:(c + 1) * HW]
+        vc = v[c]
+        for l in range(HW):
+            seg[l] = vc
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy")
 def _gn_fwd_kernel(x, gamma, beta, groups, eps, silu, fast, out, mean, rstd, t, nthreads):
     N, C, H, W = x.shape
@@ -883,17 +894,22 @@ def _gn_fwd_kernel(x, gamma, beta, groups, eps, silu, fast, out, mean, rstd, t, 
     cg = C // groups
     M = cg * HW
     NG = N * groups
-    # scratch once per call, not per group (1024 small allocations cost as much as the arithmetic at 8x8)
+    # Every loop runs over a group's whole block (its channels are contiguous): per-channel rows of
+    # 16-64 elements (4x4, 8x8 images) cost more in loop overhead than in arithmetic.
+    ge = np.empty(C * HW, x.dtype)
+    be = np.empty(C * HW, x.dtype)
+    _expand_channels(gamma, HW, ge)
+    _expand_channels(beta, HW, be)
     ibuf = np.empty(M, np.int32)
     fbuf = np.empty(M, x.dtype)
     sb = np.empty(M, x.dtype)
     for ng in range(t * NG // nthreads, (t + 1) * NG // nthreads):
         n = ng // groups
         g = ng - n * groups
-        xs = x[n].reshape(C, HW)
-        os_ = out[n].reshape(C, HW)
-        xg = x[n].reshape(C * HW)[g * M:(g + 1) * M]  # a group's channels are one contiguous block
+        xg = x[n].reshape(C * HW)[g * M:(g + 1) * M]
         og = out[n].reshape(C * HW)[g * M:(g + 1) * M]
+        gg = ge[g * M:(g + 1) * M]
+        bg = be[g * M:(g + 1) * M]
         s = 0.0
         for l in range(M):
             s += xg[l]
@@ -907,13 +923,8 @@ def _gn_fwd_kernel(x, gamma, beta, groups, eps, silu, fast, out, mean, rstd, t, 
         rstd[n, g] = r
         mu_t = mean[n, g]  # the dtype-rounded values, as the reference uses them
         r_t = rstd[n, g]
-        for c in range(g * cg, (g + 1) * cg):
-            orow = os_[c]
-            xrow = xs[c]
-            gc = gamma[c]
-            bc = beta[c]
-            for l in range(HW):
-                orow[l] = (xrow[l] - mu_t) * r_t * gc + bc
+        for l in range(M):
+            og[l] = (xg[l] - mu_t) * r_t * gg[l] + bg[l]
         if silu:
             _sigmoid_seg(og, sb, ibuf, fbuf, fast)
             for l in range(M):
@@ -964,63 +975,61 @@ def _gn_bwd_kernel(dout, x, gamma, beta, mean, rstd, groups, silu, fast, dx, dg_
     cg = C // groups
     M = cg * HW
     NG = N * groups
+    ge = np.empty(C * HW, x.dtype)
+    be = np.empty(C * HW, x.dtype)
+    _expand_channels(gamma, HW, ge)
+    _expand_channels(beta, HW, be)
     ibuf = np.empty(M, np.int32)
     fbuf = np.empty(M, x.dtype)
     sb = np.empty(M, x.dtype)
     yb = np.empty(M, x.dtype)
+    xh = np.empty(M, x.dtype)
     for ng in range(t * NG // nthreads, (t + 1) * NG // nthreads):
         n = ng // groups
         g = ng - n * groups
-        xs = x[n].reshape(C, HW)
-        ds = dout[n].reshape(C, HW)
-        dxs = dx[n].reshape(C, HW)
+        c0 = g * cg
+        xg = x[n].reshape(C * HW)[g * M:(g + 1) * M]
+        dg = dout[n].reshape(C * HW)[g * M:(g + 1) * M]
+        dxg = dx[n].reshape(C * HW)[g * M:(g + 1) * M]
+        gg = ge[g * M:(g + 1) * M]
+        bg = be[g * M:(g + 1) * M]
         mu = mean[n, g]
         r = rstd[n, g]
+        for l in range(M):
+            xh[l] = (xg[l] - mu) * r
+        # sweep 1: dy = dL/d(GN output) into dx (through the SiLU when fused)
         if silu:
-            # pre-activation y of the whole group, then one sigmoid sweep over the block
-            for c in range(g * cg, (g + 1) * cg):
-                xrow = xs[c]
-                yrow = yb[(c - g * cg) * HW:(c - g * cg + 1) * HW]
-                gc = gamma[c]
-                bc = beta[c]
-                for l in range(HW):
-                    yrow[l] = (xrow[l] - mu) * r * gc + bc
+            for l in range(M):
+                yb[l] = xh[l] * gg[l] + bg[l]
             _sigmoid_seg(yb, sb, ibuf, fbuf, fast)
+            for l in range(M):
+                sv = sb[l]
+                dxg[l] = dg[l] * (sv * (1 + yb[l] * (1 - sv)))
+        else:
+            for l in range(M):
+                dxg[l] = dg[l]
+        # per-channel sums of dy and dy * xhat (2-D indexing: no per-row views in the loop)
+        dy2 = dxg.reshape(cg, HW)
+        xh2 = xh.reshape(cg, HW)
         sg = 0.0
         sgx = 0.0
-        for c in range(g * cg, (g + 1) * cg):
-            gc = gamma[c]
-            xrow = xs[c]
-            drow = ds[c]
-            dxrow = dxs[c]
-            if silu:
-                o = (c - g * cg) * HW
-                srow = sb[o:o + HW]
-                yrow = yb[o:o + HW]
-                for l in range(HW):
-                    sv = srow[l]
-                    dxrow[l] = drow[l] * (sv * (1 + yrow[l] * (1 - sv)))
-            else:
-                for l in range(HW):
-                    dxrow[l] = drow[l]
+        for cc in range(cg):
             s1 = 0.0
             s2 = 0.0
             for l in range(HW):
-                dyv = dxrow[l]
+                dyv = dy2[cc, l]
                 s1 += dyv
-                s2 += dyv * ((xrow[l] - mu) * r)
-            db_parts[n, c] = s1
-            dg_parts[n, c] = s2
+                s2 += dyv * xh2[cc, l]
+            db_parts[n, c0 + cc] = s1
+            dg_parts[n, c0 + cc] = s2
+            gc = gamma[c0 + cc]
             sg += gc * s1
             sgx += gc * s2
         mg = sg / M
         mgx = sgx / M
-        for c in range(g * cg, (g + 1) * cg):
-            gc = gamma[c]
-            xrow = xs[c]
-            dxrow = dxs[c]
-            for l in range(HW):
-                dxrow[l] = r * (dxrow[l] * gc - mg - ((xrow[l] - mu) * r) * mgx)
+        # sweep 2: dx = rstd * (gamma * dy - mean(gamma * dy) - xhat * mean(gamma * dy * xhat))
+        for l in range(M):
+            dxg[l] = r * (dxg[l] * gg[l] - mg - xh[l] * mgx)
 
 
 def group_norm_silu_backward(dout: np.ndarray, x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,

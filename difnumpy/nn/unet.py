@@ -427,7 +427,7 @@ class UNet:
             dx_skip = dout
         dh, grads[key + ".conv2.w"], grads[key + ".conv2.b"] = L.conv2d_backward(dout, c_c2)
         dh, grads[key + ".norm2.gamma"], grads[key + ".norm2.beta"] = L.group_norm_silu_backward(dh, c_n2)
-        dtp = dh.sum(axis=(2, 3))
+        dtp = dh.reshape(*dh.shape[:2], -1).sum(axis=2)  # one contiguous axis: faster than (2, 3)
         dtemb_act, grads[key + ".temb.w"], grads[key + ".temb.b"] = L.linear_backward(dtp, c_t)
         dh, grads[key + ".conv1.w"], grads[key + ".conv1.b"] = L.conv2d_backward(dh, c_c1)
         dx, grads[key + ".norm1.gamma"], grads[key + ".norm1.beta"] = L.group_norm_silu_backward(dh, c_n1)
