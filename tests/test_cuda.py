@@ -219,6 +219,11 @@ def test_extras_upsample_linear_mse_ema(dt, rng):
     np.testing.assert_array_equal(ck.upsample_nearest2x_forward(x), ref.upsample_nearest2x_forward(x))
     d = randn(rng, (2, 3, 4, 6), dt)
     np.testing.assert_allclose(ck.upsample_nearest2x_backward(d), ref.upsample_nearest2x_backward(d), **tol(dt))
+    y = randn(rng, (2, 4, 2, 3), dt)
+    cat = ck.concat_channels([x, y])
+    np.testing.assert_array_equal(cat, ref.concat_channels([x, y]))
+    for a, r in zip(ck.split_channels(cat, (3, 4)), ref.split_channels(cat, (3, 4))):
+        np.testing.assert_array_equal(a, r)
     xs, w, b = randn(rng, (3, 5), dt), randn(rng, (4, 5), dt), randn(rng, (4,), dt)
     np.testing.assert_allclose(ck.linear_forward(xs, w, b), ref.linear_forward(xs, w, b), **tol(dt))
     do = randn(rng, (3, 4), dt)

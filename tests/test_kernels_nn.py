@@ -152,3 +152,21 @@ def test_bad_input_raises():
         cpu.group_norm_silu_forward(x, np.ones(4, np.float32), np.zeros(4, np.float32), 3, 1e-5, True)
     with pytest.raises(TypeError):
         cpu.conv2d_forward(x.astype(np.int32), np.zeros((1, 4, 3, 3), np.int32), np.zeros(1, np.int32), 1, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 4, 5), (3, 2, 7, 1)])
+def test_layout_kernels_match_reference(shape, dtype):
+    """Upsample x2 (forward/backward), channel concat and split: numba == NumPy twin."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(dtype)
+    up = cpu.upsample_nearest2x_forward(x)
+    np.testing.assert_array_equal(up, ref.upsample_nearest2x_forward(x))
+    d = rng.standard_normal(up.shape).astype(dtype)
+    _close(cpu.upsample_nearest2x_backward(d), ref.upsample_nearest2x_backward(d), dtype)
+    y = rng.standard_normal((shape[0], 4) + shape[2:]).astype(dtype)
+    cat = cpu.concat_channels([x, y])
+    np.testing.assert_array_equal(cat, ref.concat_channels([x, y]))
+    for a, b in zip(cpu.split_channels(cat, (shape[1], 4)), ref.split_channels(cat, (shape[1], 4))):
+        assert a.flags.c_contiguous
+        np.testing.assert_array_equal(a, b)

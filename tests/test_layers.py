@@ -250,26 +250,29 @@ def test_sigmoid_extremes_no_overflow():
     np.testing.assert_allclose(s, [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-30)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
 @SETTINGS
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(0, 2 ** 32 - 1))
-def test_upsample_nearest_forward_and_gradcheck(n, c, h, w, seed):
+def test_upsample_nearest_forward_and_gradcheck(backend, n, c, h, w, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w))
-    out, cache = L.upsample_nearest_forward(x)
+    out, cache = L.upsample_nearest_forward(x, backend=backend)
     np.testing.assert_array_equal(out, np.repeat(np.repeat(x, 2, axis=2), 2, axis=3))
     assert out.flags.c_contiguous
     dout = rng.standard_normal(out.shape)
     dx = L.upsample_nearest_backward(dout, cache)
-    assert rel_error(dx, eval_numerical_gradient_array(lambda z: L.upsample_nearest_forward(z)[0], x, dout)) < TOL
+    num = eval_numerical_gradient_array(lambda z: L.upsample_nearest_forward(z, backend=backend)[0], x, dout)
+    assert rel_error(dx, num) < TOL
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
 @SETTINGS
 @given(st.integers(1, 2), st.lists(st.integers(1, 3), min_size=1, max_size=3), st.integers(1, 3),
        st.integers(0, 2 ** 32 - 1))
-def test_concat_forward_and_gradcheck(n, channels, hw, seed):
+def test_concat_forward_and_gradcheck(backend, n, channels, hw, seed):
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal((n, c, hw, hw)) for c in channels]
-    out, cache = L.concat_forward(xs)
+    out, cache = L.concat_forward(xs, backend=backend)
     np.testing.assert_array_equal(out, np.concatenate(xs, axis=1))
     dout = rng.standard_normal(out.shape)
     dxs = L.concat_backward(dout, cache)
@@ -278,8 +281,8 @@ def test_concat_forward_and_gradcheck(n, channels, hw, seed):
         def f(z, k=k):
             parts = list(xs)
             parts[k] = z
-            return L.concat_forward(parts)[0]
-        assert dxs[k].shape == x.shape
+            return L.concat_forward(parts, backend=backend)[0]
+        assert dxs[k].shape == x.shape and dxs[k].flags.c_contiguous
         assert rel_error(dxs[k], eval_numerical_gradient_array(f, x, dout)) < TOL
 
 

@@ -252,3 +252,57 @@ def test_set_params_validation():
     p["stem.b"][0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         m.set_params(p)
+
+
+def test_batch_split_over_threads_matches_one_pass(monkeypatch):
+    """backend="cpu" splits a batch over threads (each runs the whole pass on its images); the result
+    equals the one-pass result, its gradients sum the shares' and pass a float64 gradient check."""
+    from difnumpy.kernels import cpu
+    monkeypatch.setattr(cpu, "_nthreads", lambda: 2)  # two shares even on a one-core machine
+    rng = np.random.default_rng(11)
+    m = UNet(**TINY, dtype=np.float64, backend="cpu", rng=1)
+    _randomize(m, rng, scale=2.0)
+    x = rng.standard_normal((9, 1, 8, 8))
+    t = rng.integers(0, 1000, 9)
+    assert cpu.batch_shares(9) == [(0, 4), (4, 9)]
+    out, cache = m.forward(x, t)
+    assert cache["shares"] == [(0, 4), (4, 9)]
+    dout = rng.standard_normal(out.shape)
+    grads, dx = m.backward(dout, cache, return_input_grad=True)
+    np.testing.assert_array_equal(m(x, t), out)
+
+    ref = UNet(**TINY, dtype=np.float64, backend="numpy", rng=1)
+    ref.set_params(m.params)
+    out_r, cache_r = ref.forward(x, t)
+    assert "shares" not in cache_r
+    grads_r, dx_r = ref.backward(dout, cache_r, return_input_grad=True)
+    np.testing.assert_allclose(out, out_r, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, dx_r, rtol=1e-10, atol=1e-12)
+    for key in grads_r:
+        np.testing.assert_allclose(grads[key], grads_r[key], rtol=1e-9, atol=1e-12, err_msg=key)
+
+    def f(_):
+        return float(np.sum(m(x, t) * dout))
+
+    for key in ("stem.w", "mid.res.conv1.w", "up.0.res.0.norm1.gamma", "out.conv.b"):
+        idx = rng.choice(m.params[key].size, size=min(2, m.params[key].size), replace=False)
+        num = eval_numerical_gradient_at(f, m.params[key], idx)
+        assert rel_error(grads[key].ravel()[idx], num) < 1e-6, key
+    with pytest.raises(ValueError, match="dout"):
+        m.backward(dout[:5], cache)
+
+
+def test_batch_split_reraises_a_failing_share():
+    from difnumpy.kernels import cpu
+    done = []
+
+    def fn(k, a, b):
+        done.append(k)
+        if k == 1:
+            raise FloatingPointError("share 1")
+        return k
+
+    with pytest.raises(FloatingPointError, match="share 1"):
+        cpu.run_shares(fn, [(0, 2), (2, 4)])
+    assert sorted(done) == [0, 1]
+    assert cpu.run_shares(lambda k, a, b: (k, a, b), [(0, 2), (2, 5)]) == [(0, 0, 2), (1, 2, 5)]

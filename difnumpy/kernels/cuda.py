@@ -1127,6 +1127,38 @@ def ema_update(ema, param, decay):
 # extras: upsample, linear, MSE
 # ------------------------------------------------------------------------------------------------
 
+def concat_channels(xs):
+    """CUDA twin of :func:`difnumpy.kernels.reference.concat_channels` for two arrays (the U-Net's skips)."""
+    if len(xs) != 2:
+        raise ValueError(f"concat_channels on cuda takes 2 arrays, got {len(xs)}")
+    a, b = xs
+    _check("xs[0]", a, 4)
+    _check("xs[1]", b, 4, a.dtype)
+    if a.shape[0] != b.shape[0] or tuple(a.shape[2:]) != tuple(b.shape[2:]):
+        raise ValueError(f"xs[1] has shape {tuple(b.shape)}, incompatible with xs[0] shape {tuple(a.shape)}")
+    dt = np.dtype(a.dtype)
+    out = cuda.device_array((int(a.shape[0]), int(a.shape[1] + b.shape[1])) + tuple(int(v) for v in a.shape[2:]),
+                            dtype=dt)
+    _k(dt).concat_k[_grid1d(out.size)](to_device(a), to_device(b), out)
+    return _ret(is_device_array(a), out)
+
+
+def split_channels(dout, channels):
+    """CUDA twin of :func:`difnumpy.kernels.reference.split_channels` for two parts."""
+    if len(channels) != 2:
+        raise ValueError(f"split_channels on cuda takes 2 channel counts, got {len(channels)}")
+    _check("dout", dout, 4)
+    ca, cb = (int(c) for c in channels)
+    if ca + cb != int(dout.shape[1]):
+        raise ValueError(f"channels {tuple(channels)} do not add up to dout's {int(dout.shape[1])}")
+    dt = np.dtype(dout.dtype)
+    rest = tuple(int(v) for v in dout.shape[2:])
+    da = cuda.device_array((int(dout.shape[0]), ca) + rest, dtype=dt)
+    db = cuda.device_array((int(dout.shape[0]), cb) + rest, dtype=dt)
+    _k(dt).split_k[_grid1d(dout.size)](to_device(dout), da, db)
+    return _ret(is_device_array(dout), da, db)
+
+
 def upsample_nearest2x_forward(x):
     """CUDA twin of :func:`difnumpy.kernels.reference.upsample_nearest2x_forward`."""
     _check("x", x, 4)
@@ -1336,8 +1368,7 @@ class DeviceUNet:
         for op in M._up:
             if op[0] == "res":
                 s = skips.pop()
-                cat = cuda.device_array((n, h.shape[1] + s.shape[1]) + tuple(h.shape[2:]), dtype=self.dtype)
-                _k(self.dtype).concat_k[_grid1d(cat.size)](h, s, cat)
+                cat = concat_channels([h, s])
                 ca = int(h.shape[1])
                 h, c = self._res(op[1], op[2], cat, temb_act, keep)
                 up_c.append((ca, c))
@@ -1394,11 +1425,7 @@ class DeviceUNet:
                 ca, c_res = c
                 dh, dt_ = self._res_bwd(op[1], dh, c_res, g)
                 dtemb = dt_ if dtemb is None else _iadd(dtemb, dt_)
-                n, C2 = int(dh.shape[0]), int(dh.shape[1])
-                da = cuda.device_array((n, ca) + tuple(dh.shape[2:]), dtype=self.dtype)
-                ds = cuda.device_array((n, C2 - ca) + tuple(dh.shape[2:]), dtype=self.dtype)
-                _k(self.dtype).split_k[_grid1d(dh.size)](dh, da, ds)
-                dh, dskips[op[3]] = da, ds
+                dh, dskips[op[3]] = split_channels(dh, (ca, int(dh.shape[1]) - ca))
             else:
                 u = c[1]
                 du, g[op[1] + ".w"], g[op[1] + ".b"] = _conv_bwd(dh, u, P[op[1] + ".w"], 1, 1)

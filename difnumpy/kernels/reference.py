@@ -250,6 +250,26 @@ def group_norm_silu_backward(dout: np.ndarray, x: np.ndarray, gamma: np.ndarray,
     return np.ascontiguousarray(dx.reshape(N, C, H, W), dtype=x.dtype), dgamma, dbeta
 
 
+def concat_channels(xs) -> np.ndarray:
+    """Concatenate NCHW arrays along the channel axis.
+
+    Parameters
+    ----------
+    xs : sequence of ndarray, shapes (N, C_k, H, W), one dtype
+
+    Returns
+    -------
+    out : ndarray, shape (N, sum C_k, H, W), C-contiguous
+    """
+    return np.concatenate(xs, axis=1)
+
+
+def split_channels(dout: np.ndarray, channels) -> tuple:
+    """Inverse of :func:`concat_channels`: ``dout`` (N, sum C_k, H, W) -> one C-contiguous array per C_k."""
+    splits = np.cumsum(channels)[:-1]
+    return tuple(np.ascontiguousarray(d) for d in np.split(dout, splits, axis=1))
+
+
 def _sigmoid(y: np.ndarray) -> np.ndarray:
     """Logistic sigmoid ``1 / (1 + exp(-y)) = 0.5 + 0.5 * tanh(y / 2)`` (no overflow), dtype of ``y``."""
     return 0.5 + 0.5 * np.tanh(0.5 * y)

@@ -6,11 +6,11 @@ Every layer is a pair ``name_forward(x, *params, **hp) -> (out, cache)`` and
 ``(out_features, in_features)`` (PyTorch layout). Activations are float32 or float64; parameters
 must have the activation's dtype and outputs keep it.
 
-The convolution and the (fused) GroupNorm(+SiLU) call the compute kernels of a backend
-(:func:`difnumpy.kernels.get_backend`): ``backend="numpy"`` (the NumPy twins, the default here),
-``"cpu"`` (numba) or ``"cuda"``. The backward pass always uses the backend of its forward pass (it is
-kept in the cache). Linear layers use ``np.matmul`` (BLAS); SiLU, upsampling, concatenation and the
-MSE loss are plain NumPy on every CPU backend.
+The convolution, the (fused) GroupNorm(+SiLU), upsampling and channel concatenation call the kernels
+of a backend (:func:`difnumpy.kernels.get_backend`): ``backend="numpy"`` (the NumPy twins, the default
+here), ``"cpu"`` (numba) or ``"cuda"``. The backward pass always uses the backend of its forward pass
+(it is kept in the cache). Linear layers use ``np.matmul`` (BLAS); SiLU and the MSE loss are plain
+NumPy on every CPU backend.
 """
 from __future__ import annotations
 
@@ -328,12 +328,13 @@ def silu_backward(dout: np.ndarray, cache: tuple) -> np.ndarray:
 # upsample, concat
 # --------------------------------------------------------------------------------------------
 
-def upsample_nearest_forward(x: np.ndarray) -> tuple[np.ndarray, tuple]:
+def upsample_nearest_forward(x: np.ndarray, backend: str | ModuleType = "numpy") -> tuple[np.ndarray, tuple]:
     """Nearest-neighbour upsampling by 2: ``out[n, c, i, j] = x[n, c, i // 2, j // 2]``.
 
     Parameters
     ----------
     x : ndarray, shape (N, C, H, W), float32 or float64
+    backend : {"numpy", "cpu", "cuda"}, the kernels that compute it
 
     Returns
     -------
@@ -341,26 +342,23 @@ def upsample_nearest_forward(x: np.ndarray) -> tuple[np.ndarray, tuple]:
     cache : tuple, for :func:`upsample_nearest_backward`
     """
     x = _check_float_array("x", x, 4)
-    N, C, H, W = x.shape
-    out = np.empty((N, C, H, 2, W, 2), dtype=x.dtype)
-    out[...] = x[:, :, :, None, :, None]
-    return out.reshape(N, C, 2 * H, 2 * W), (x.shape,)
+    kern = _kernels(backend)
+    return kern.upsample_nearest2x_forward(x), (kern,)
 
 
 def upsample_nearest_backward(dout: np.ndarray, cache: tuple) -> np.ndarray:
     """Backward of :func:`upsample_nearest_forward`: each input pixel sums its 2x2 block of ``dout``."""
-    (N, C, H, W), = cache
-    d = dout.reshape(N, C, H, 2, W, 2)
-    # three strided adds: NumPy's two-axis .sum(axis=(3, 5)) took 10x longer at the U-Net's sizes
-    return (d[:, :, :, 0, :, 0] + d[:, :, :, 0, :, 1]) + (d[:, :, :, 1, :, 0] + d[:, :, :, 1, :, 1])
+    kern, = cache
+    return kern.upsample_nearest2x_backward(dout)
 
 
-def concat_forward(xs: Sequence[np.ndarray]) -> tuple[np.ndarray, tuple]:
+def concat_forward(xs: Sequence[np.ndarray], backend: str | ModuleType = "numpy") -> tuple[np.ndarray, tuple]:
     """Concatenate NCHW arrays along the channel axis.
 
     Parameters
     ----------
     xs : sequence of ndarray, shapes (N, C_k, H, W), one float dtype
+    backend : {"numpy", "cpu", "cuda"} ("cuda" takes exactly two arrays, the U-Net's case)
 
     Returns
     -------
@@ -377,15 +375,14 @@ def concat_forward(xs: Sequence[np.ndarray]) -> tuple[np.ndarray, tuple]:
         if a.shape[0] != first.shape[0] or a.shape[2:] != first.shape[2:]:
             raise ValueError(f"xs[{k}] has shape {a.shape}, incompatible with xs[0] shape {first.shape} "
                              f"(all but the channel axis must agree)")
-    out = np.concatenate(xs, axis=1)
-    return out, (tuple(a.shape[1] for a in xs),)
+    kern = _kernels(backend)
+    return kern.concat_channels(xs), (tuple(a.shape[1] for a in xs), kern)
 
 
 def concat_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, ...]:
     """Backward of :func:`concat_forward`: ``dout`` split back into one gradient per input."""
-    (channels,) = cache
-    splits = np.cumsum(channels)[:-1]
-    return tuple(np.ascontiguousarray(d) for d in np.split(dout, splits, axis=1))
+    channels, kern = cache
+    return kern.split_channels(dout, channels)
 
 
 # --------------------------------------------------------------------------------------------

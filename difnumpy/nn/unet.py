@@ -336,9 +336,21 @@ class UNet:
         scope = getattr(self._kern, "_step_scope", None)
         return scope() if scope is not None else contextlib.nullcontext()
 
+    def _shares(self, n: int):
+        """The backend's batch split for a pass over ``n`` images (None: one pass)."""
+        split = getattr(self._kern, "batch_shares", None)
+        return split(n) if split is not None else None
+
     def _forward(self, x, t, keep: bool):
         with self._scope():
-            return self._forward_impl(x, t, keep)
+            x, t = self._check_inputs(x, t)
+            shares = self._shares(x.shape[0])
+            if shares is None:
+                return self._forward_impl(x, t, keep)
+            # data parallel: each thread runs the whole pass on its images (kernels single-threaded)
+            parts = self._kern.run_shares(lambda k, a, b: self._forward_impl(x[a:b], t[a:b], keep), shares)
+            out = np.concatenate([p[0] for p in parts])
+            return out, ({"shares": shares, "parts": [p[1] for p in parts]} if keep else None)
 
     def _forward_impl(self, x, t, keep: bool):
         x, t = self._check_inputs(x, t)
@@ -367,12 +379,12 @@ class UNet:
         for op in self._up:
             if op[0] == "res":
                 _, key, has_skip, _sidx = op
-                h, c_cat = L.concat_forward([h, skips.pop()])
+                h, c_cat = L.concat_forward([h, skips.pop()], backend=k)
                 h, c = self._res_forward(key, has_skip, h, temb_act, keep)
                 up_c.append((c_cat, c))
             else:
                 key = op[1]
-                h, c_up = L.upsample_nearest_forward(h)
+                h, c_up = L.upsample_nearest_forward(h, backend=k)
                 h, c_conv = L.conv2d_forward(h, P[key + ".w"], P[key + ".b"], 1, 1, backend=k)
                 up_c.append((c_up, c_conv))
         h, c_on = L.group_norm_silu_forward(h, P["out.norm.gamma"], P["out.norm.beta"], self.groups, GN_EPS,
@@ -448,10 +460,26 @@ class UNet:
         grads : dict[str, ndarray], the keys of :attr:`params` (same order, shapes and dtype)
         dx : ndarray, shape of ``x`` (only if ``return_input_grad``)
         """
-        if not isinstance(cache, dict) or "out" not in cache:
+        if not isinstance(cache, dict) or not ("out" in cache or "shares" in cache):
             raise ValueError("cache must be the dict returned by UNet.forward")
+        if "shares" not in cache:
+            with self._scope():
+                return self._backward_impl(dout, cache, return_input_grad)
+        shares, parts = cache["shares"], cache["parts"]
+        dout = np.asarray(dout)
+        out_shape = (shares[-1][1], self.in_channels) + parts[0]["out"][1][0].shape[2:]  # (out conv's input)
+        if dout.shape != out_shape:
+            raise ValueError(f"dout must have the output's shape {out_shape}, got {dout.shape}")
         with self._scope():
-            return self._backward_impl(dout, cache, return_input_grad)
+            res = self._kern.run_shares(
+                lambda k, a, b: self._backward_impl(dout[a:b], parts[k], return_input_grad), shares)
+        if return_input_grad:
+            res, dxs = [r[0] for r in res], [r[1] for r in res]
+        grads = res[0]
+        for r in res[1:]:  # fixed order: the same thread count gives the same bits
+            for key, v in r.items():
+                grads[key] += v
+        return (grads, np.concatenate(dxs)) if return_input_grad else grads
 
     def _backward_impl(self, dout, cache: dict, return_input_grad: bool):
         c_on, c_oc = cache["out"]
