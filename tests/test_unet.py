@@ -258,13 +258,17 @@ def test_batch_split_over_threads_matches_one_pass(monkeypatch):
     """backend="cpu" splits a batch over threads (each runs the whole pass on its images); the result
     equals the one-pass result, its gradients sum the shares' and pass a float64 gradient check."""
     from difnumpy.kernels import cpu
-    monkeypatch.setattr(cpu, "_nthreads", lambda: 2)  # two shares even on a one-core machine
+    monkeypatch.setattr(cpu, "_nthreads", lambda: 2)
+    assert cpu.batch_shares(9) == [(0, 4), (4, 9)] and cpu.batch_shares(7) is None
+    monkeypatch.setattr(cpu, "_nthreads", lambda: 3)
+    assert cpu.batch_shares(12) == [(0, 4), (4, 8), (8, 12)]
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu, "batch_shares", lambda n: [(0, 4), (4, n)])  # two shares even on one core
     rng = np.random.default_rng(11)
     m = UNet(**TINY, dtype=np.float64, backend="cpu", rng=1)
     _randomize(m, rng, scale=2.0)
     x = rng.standard_normal((9, 1, 8, 8))
     t = rng.integers(0, 1000, 9)
-    assert cpu.batch_shares(9) == [(0, 4), (4, 9)]
     out, cache = m.forward(x, t)
     assert cache["shares"] == [(0, 4), (4, 9)]
     dout = rng.standard_normal(out.shape)

