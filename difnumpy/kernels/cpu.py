@@ -547,7 +547,6 @@ def _wino_bwd_weight_kernel(dout, x, th, tw, G, dU_parts, t, nthreads):
     dU = dU_parts[t]  # (16, >= F*C)
     one = x.dtype.type(1.0)
     zero = x.dtype.type(0.0)
-    W2 = W >> 1
     for ch in range(t, nchunks, nthreads):
         n0 = ch * G
         g = min(G, N - n0)
