@@ -991,29 +991,16 @@ def _sigmoid_seg(y, s, ibuf, fbuf, fast):
             s[i] = 1.0 / (1.0 + math.exp(-y[i]))
 
 
-@numba.njit(cache=True, inline="always")
-def _expand_channels(v, HW, out):
-    """out[c*HW + l] = v[c]: per-channel parameters laid out like one image, for whole-block loops."""
-    for c in range(v.shape[0]):
-        seg = out[c * HW:(c + 1) * HW]
-        vc = v[c]
-        for l in range(HW):
-            seg[l] = vc
-
-
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy")
-def _gn_fwd_kernel(x, gamma, beta, groups, eps, silu, fast, out, mean, rstd, t, nthreads):
+def _gn_fwd_kernel(x, ge, be, groups, eps, silu, fast, out, mean, rstd, t, nthreads):
+    # ge, be: gamma and beta repeated H*W times (laid out like one image), so that every loop runs over
+    # a group's whole block (its channels are contiguous): per-channel rows of 16-64 elements (4x4, 8x8
+    # images) cost more in loop overhead than in arithmetic.
     N, C, H, W = x.shape
     HW = H * W
     cg = C // groups
     M = cg * HW
     NG = N * groups
-    # Every loop runs over a group's whole block (its channels are contiguous): per-channel rows of
-    # 16-64 elements (4x4, 8x8 images) cost more in loop overhead than in arithmetic.
-    ge = np.empty(C * HW, x.dtype)
-    be = np.empty(C * HW, x.dtype)
-    _expand_channels(gamma, HW, ge)
-    _expand_channels(beta, HW, be)
     ibuf = np.empty(M, np.int32)
     fbuf = np.empty(M, x.dtype)
     sb = np.empty(M, x.dtype)
@@ -1076,23 +1063,22 @@ def group_norm_silu_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, 
     out = np.empty_like(x)
     mean = np.empty((N, groups), x.dtype)
     rstd = np.empty((N, groups), x.dtype)
-    _run_split(_gn_fwd_kernel, _gn_threads(x.size), False, x, np.ascontiguousarray(gamma, dtype=x.dtype),
-               np.ascontiguousarray(beta, dtype=x.dtype), groups, float(eps), bool(silu), x.dtype == np.float32,
-               out, mean, rstd)
+    HW = H * W  # per-channel parameters repeated once per call, shared by the threads' shares
+    ge = np.repeat(np.asarray(gamma, dtype=x.dtype), HW)
+    be = np.repeat(np.asarray(beta, dtype=x.dtype), HW)
+    _run_split(_gn_fwd_kernel, _gn_threads(x.size), False, x, ge, be, groups, float(eps), bool(silu),
+               x.dtype == np.float32, out, mean, rstd)
     return out, mean, rstd
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy")
-def _gn_bwd_kernel(dout, x, gamma, beta, mean, rstd, groups, silu, fast, dx, dg_parts, db_parts, t, nthreads):
+def _gn_bwd_kernel(dout, x, gamma, ge, be, mean, rstd, groups, silu, fast, dx, dg_parts, db_parts, t, nthreads):
+    # ge, be: as in _gn_fwd_kernel
     N, C, H, W = x.shape
     HW = H * W
     cg = C // groups
     M = cg * HW
     NG = N * groups
-    ge = np.empty(C * HW, x.dtype)
-    be = np.empty(C * HW, x.dtype)
-    _expand_channels(gamma, HW, ge)
-    _expand_channels(beta, HW, be)
     ibuf = np.empty(M, np.int32)
     fbuf = np.empty(M, x.dtype)
     sb = np.empty(M, x.dtype)
@@ -1182,8 +1168,10 @@ def group_norm_silu_backward(dout: np.ndarray, x: np.ndarray, gamma: np.ndarray,
     dg_parts = np.empty((N, C), np.float64)
     db_parts = np.empty((N, C), np.float64)
     dt = x.dtype
-    _run_split(_gn_bwd_kernel, _gn_threads(x.size), False, dout, x, np.ascontiguousarray(gamma, dtype=dt),
-               np.ascontiguousarray(beta, dtype=dt), np.ascontiguousarray(mean, dtype=dt),
+    gamma = np.ascontiguousarray(gamma, dtype=dt)
+    ge = np.repeat(gamma, H * W)
+    be = np.repeat(np.asarray(beta, dtype=dt), H * W)
+    _run_split(_gn_bwd_kernel, _gn_threads(x.size), False, dout, x, gamma, ge, be, np.ascontiguousarray(mean, dtype=dt),
                np.ascontiguousarray(rstd, dtype=dt), groups, bool(silu), dt == np.float32, dx, dg_parts, db_parts)
     return dx, dg_parts.sum(axis=0).astype(dt), db_parts.sum(axis=0).astype(dt)
 

@@ -353,7 +353,7 @@ class UNet:
             return out, ({"shares": shares, "parts": [p[1] for p in parts]} if keep else None)
 
     def _forward_impl(self, x, t, keep: bool):
-        x, t = self._check_inputs(x, t)
+        # x, t: already checked by _forward (once for the whole batch, not once per share)
         P, k = self.params, self._kern
         # time embedding (float64 sinusoid, cast to the model dtype)
         e = L.timestep_embedding(t, self.base_channels, dtype=self.dtype)
