@@ -128,11 +128,13 @@ def predict_x0_from_eps(schedule: Schedule, x_t: np.ndarray, t, eps: np.ndarray)
     """
     tt = _prepare(schedule, x_t, t, "x_t")
     check_same_shape(x_t, eps, "x_t", "eps")
-    if np.any(schedule.alphas_cumprod[tt] == 0.0):
+    abar = schedule.alphas_cumprod[tt]  # gather first: 1/abar of the whole buffer would divide by the 0 of
+    if np.any(abar == 0.0):             # a zero-terminal-SNR schedule on every call
         raise ValueError("t: x0 cannot be predicted from eps where alphas_cumprod[t] == 0 (zero terminal SNR); "
                          "use prediction_type='v_prediction'")
-    return (extract(np.sqrt(1.0 / schedule.alphas_cumprod), tt, x_t) * x_t
-            - extract(np.sqrt(1.0 / schedule.alphas_cumprod - 1.0), tt, x_t) * eps)
+    shape = (tt.shape[0],) + (1,) * (x_t.ndim - 1)
+    return (np.sqrt(1.0 / abar).astype(x_t.dtype).reshape(shape) * x_t
+            - np.sqrt(1.0 / abar - 1.0).astype(x_t.dtype).reshape(shape) * eps)
 
 
 def predict_eps_from_x0(schedule: Schedule, x_t: np.ndarray, t, x0: np.ndarray) -> np.ndarray:

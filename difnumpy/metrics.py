@@ -354,20 +354,30 @@ def _kl_timesteps(T: int, k: int | None):
     """Timesteps in 1..T-1 for the KL terms, and the weight (block size) of each.
 
     Exact (every t, weight 1) when ``k`` is None or >= T-1. Otherwise 1..T-1 is cut into
-    ``k`` contiguous blocks with log-spaced edges -- the terms fall off roughly like 1/t
+    exactly ``k`` contiguous blocks with log-spaced edges -- the terms fall off roughly like 1/t
     (most of the bound sits in the first steps; Nichol & Dhariwal 2021, Fig. 2), so the
     first blocks are single timesteps -- and each block is represented by its
     geometric-mean timestep, weighted by the block's size.
+
+    The edges ``1 = e_0 < e_1 < ... < e_k = T`` are built one at a time: with ``m`` blocks
+    left to cover ``[e, T]``, the next edge is the geometric step ``e (T / e)^(1/m)``,
+    rounded, and at least ``e + 1``. The geometric step is the smallest of the ``m`` steps
+    of a geometric sequence from ``e`` to ``T``, so it is at most ``(T - e) / m`` and always
+    leaves one timestep for each of the ``m - 1`` blocks after it: every ``k`` in
+    [1, T-2] gives exactly ``k`` distinct timesteps. (Rounding one ``geomspace`` and
+    dropping duplicates, as before, could not give more than 423 distinct edges for
+    T = 1000.)
     """
     if T < 2:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
     if k is None or k >= T - 1:
         return np.arange(1, T, dtype=np.int64), np.ones(T - 1)
-    for m in range(k + 1, T + 1):
-        edges = np.unique(np.round(np.geomspace(1, T, m)).astype(np.int64))
-        if edges.size >= k + 1:
-            break
-    edges = edges[:k + 1]
+    edges = np.empty(k + 1, dtype=np.int64)
+    edges[0] = 1
+    for i in range(1, k + 1):
+        e, m = int(edges[i - 1]), k - i + 1  # m blocks still to place over [e, T]
+        nxt = max(e + 1, int(round(e * (T / e) ** (1.0 / m))))
+        edges[i] = min(nxt, T - (m - 1))  # a no-op by the argument above; kept as a guard
     edges[-1] = T  # blocks [e_i, e_{i+1}) cover 1..T-1 exactly
     lo, hi = edges[:-1], edges[1:] - 1
     ts = np.clip(np.round(np.sqrt(lo * hi)).astype(np.int64), lo, hi)
@@ -392,7 +402,7 @@ def bits_per_dim(model, schedule, x0: np.ndarray, rng: np.random.Generator, *,
     rng : numpy.random.Generator
         Draws the noise of every ``x_t``.
     num_timesteps_subsample : int, optional
-        Evaluate the KL terms at only this many timesteps: 1..T-1 is cut into that many
+        Evaluate the KL terms at exactly this many timesteps: 1..T-1 is cut into that many
         contiguous blocks with log-spaced edges (single timesteps first, where the terms
         are largest), each block's geometric-mean timestep is evaluated and weighted by
         the block's size. This is an *estimate* of the bound (exact when None or >= T-1;

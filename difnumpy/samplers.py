@@ -173,6 +173,36 @@ def ddpm_coefficients(schedule: Schedule, tt: np.ndarray, pt: np.ndarray, predic
     return A, B, coef1, coef2, post_var, beta
 
 
+def _check_ddim_args(schedule: Schedule, tt: np.ndarray, pt: np.ndarray, eta, final_alpha_cumprod) -> None:
+    """Validate ``eta`` and ``final_alpha_cumprod`` for DDIM steps from ``tt`` to ``pt`` (``-1``: the final step).
+
+    The final step goes to ``abar_prev = final_alpha_cumprod``, which must lie in (0, 1] and must not be
+    below ``abar_t``: like ``prev_t < t`` for the other steps, a step of the reverse process may not add
+    noise, and with eta > 0 DDIM eq. 16's ``sigma^2 = eta^2 (1 - abar_prev) / (1 - abar_t) (1 - abar_t /
+    abar_prev)`` is negative otherwise (the step would be all NaN). A sampling loop can call this once
+    before its first step with ``tt`` = its last timestep and ``pt = -1``.
+    """
+    if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, (numbers.Real, np.floating, np.integer)) \
+            or not (np.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    f = final_alpha_cumprod
+    if isinstance(f, (bool, np.bool_)) or not isinstance(f, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"final_alpha_cumprod must be a real number in (0, 1], got {type(f).__name__}")
+    if not 0.0 < f <= 1.0:
+        raise ValueError(f"final_alpha_cumprod must lie in (0, 1], got {f}")
+    final = np.asarray(pt) < 0
+    if np.any(final):
+        t_final = np.asarray(tt)[final]
+        abar_t = schedule.alphas_cumprod[t_final]
+        if np.any(abar_t > f):
+            i = int(np.argmax(abar_t))
+            raise ValueError(
+                f"final_alpha_cumprod={float(f)!r} is below alphas_cumprod[t]={float(abar_t[i])!r} at the final "
+                f"DDIM step (t={int(t_final[i])} -> abar_prev = final_alpha_cumprod): it must lie in "
+                f"[alphas_cumprod[t], 1] (a reverse step may not add noise; with eta > 0 sigma would be NaN), "
+                f"e.g. 1.0 or schedule.alphas_cumprod[0]")
+
+
 def ddim_coefficients(schedule: Schedule, tt: np.ndarray, pt: np.ndarray, eta: float, prediction_type: str,
                       final_alpha_cumprod: float = 1.0):
     """Per-sample coefficients ``(A, B, C, D, sigma)`` of one DDIM step, shape (N,) each, float64.
@@ -180,8 +210,10 @@ def ddim_coefficients(schedule: Schedule, tt: np.ndarray, pt: np.ndarray, eta: f
     ``x0 = A x_t + B out`` (before clipping) and ``x_prev = C x0 + D x_t + sigma z``: DDIM eq. 12,
     ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z`` with
     ``eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)`` and sigma from eq. 16. ``pt == -1`` is the final
-    step (``abar_prev = final_alpha_cumprod``). Shared by :func:`ddim_step` and the CUDA backend.
+    step (``abar_prev = final_alpha_cumprod``). Shared by :func:`ddim_step` and the CUDA backend, so the
+    checks of ``eta`` and ``final_alpha_cumprod`` (:func:`_check_ddim_args`) live here.
     """
+    _check_ddim_args(schedule, tt, pt, eta, final_alpha_cumprod)
     abar_t = schedule.alphas_cumprod[tt]
     abar_prev = np.where(pt < 0, float(final_alpha_cumprod), schedule.alphas_cumprod[np.maximum(pt, 0)])
     sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * np.sqrt(1.0 - abar_t / abar_prev)
@@ -305,11 +337,15 @@ def ddim_step(schedule: Schedule, model_output: np.ndarray, t, prev_t, x_t: np.n
     t : int or ndarray of int, shape (N,)
     prev_t : int or ndarray of int, shape (N,)
         The next timestep of the sampler's list; ``-1`` is the final step, where
-        ``abar_prev = final_alpha_cumprod`` (1.0: diffusers' ``set_alpha_to_one``).
+        ``abar_prev = final_alpha_cumprod``.
     x_t : ndarray, shape (N, ...), float32 or float64
     eta : float >= 0
         0 is the deterministic DDIM; 1 gives the DDPM posterior variance.
     noise, rng : the noise z (used only when eta > 0), or the Generator it is drawn from.
+    final_alpha_cumprod : float in [alphas_cumprod[t], 1]
+        ``abar_prev`` of the final step (``prev_t == -1``): 1.0 is diffusers' ``set_alpha_to_one=True``,
+        ``schedule.alphas_cumprod[0]`` its ``set_alpha_to_one=False``. A value below ``abar_t`` would make
+        the final step add noise (and sigma NaN for eta > 0): ValueError.
     prediction_type, clip_sample, clip_range, thresholding, ... : as in :func:`ddpm_step`.
 
     Returns
@@ -328,10 +364,7 @@ def ddim_step(schedule: Schedule, model_output: np.ndarray, t, prev_t, x_t: np.n
     if prev_t is None:
         raise ValueError("prev_t is required for ddim_step (-1 for the final step)")
     pt = _prev_timesteps(tt, prev_t, schedule, n)
-    if not (isinstance(eta, (numbers.Real, np.floating)) and eta >= 0 and np.isfinite(eta)):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if not 0.0 < final_alpha_cumprod <= 1.0:
-        raise ValueError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}")
+    _check_ddim_args(schedule, tt, pt, eta, final_alpha_cumprod)
     A, B, C, D, sigma = ddim_coefficients(schedule, tt, pt, float(eta), prediction_type, final_alpha_cumprod)
     A, B, lo, hi = _clip_bounds(x_t, model_output, A, B, clip_sample=clip_sample, clip_range=clip_range,
                                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,

@@ -5,6 +5,8 @@ standard deviation sd has standard error sd / sqrt(n); a sample variance has sta
 var * sqrt(2 / (n - 1)). We allow Z = 5 standard errors (a false alarm every ~1.7 million runs, and
 the seeds are fixed anyway).
 """
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -197,3 +199,30 @@ def test_bad_input(rng):
     zt = Schedule.from_name("linear", 10, zero_terminal_snr=True)
     with pytest.raises(ValueError, match="zero terminal SNR"):
         predict_x0_from_eps(zt, x0, 9, x0)
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine", "sigmoid"])
+def test_zero_terminal_snr_schedules_emit_no_warnings(name, rng):
+    """abar_{T-1} == 0 exactly: building the schedule and every forward-process function at any valid t must not
+    warn (predict_x0_from_eps used to compute 1/alphas_cumprod over the whole buffer, so every call warned
+    "divide by zero" even at t where abar > 0)."""
+    T = 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = Schedule.from_name(name, T, zero_terminal_snr=True)
+        assert s.alphas_cumprod[-1] == 0.0 and np.all(np.isfinite(s.snr))
+        x0, eps = rng.standard_normal((3, 2, 2, 2)), rng.standard_normal((3, 2, 2, 2))
+        t = np.array([0, T // 2, T - 1])
+        x_t = q_sample(s, x0, t, noise=eps)
+        np.testing.assert_allclose(x_t[2], eps[2])  # pure noise at T-1
+        q_mean_variance(s, x0, t)
+        q_posterior_mean_variance(s, x0, x_t, t)
+        v = get_velocity(s, x0, eps, t)
+        np.testing.assert_allclose(predict_x0_from_v(s, x_t, t, v), x0, atol=1e-12)
+        np.testing.assert_allclose(predict_eps_from_v(s, x_t, t, v), eps, atol=1e-12)
+        predict_eps_from_x0(s, x_t, t, x0)
+        t_ok = np.array([0, T // 2, T - 2])  # eps -> x0 is defined wherever abar > 0
+        x_ok = q_sample(s, x0, t_ok, noise=eps)
+        np.testing.assert_allclose(predict_x0_from_eps(s, x_ok, t_ok, eps), x0, rtol=1e-6, atol=1e-6)
+        with pytest.raises(ValueError, match="zero terminal SNR"):
+            predict_x0_from_eps(s, x_t, t, eps)

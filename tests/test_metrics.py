@@ -180,6 +180,52 @@ def test_bpd_kl_terms_match_closed_form_for_gaussian_oracle():
         assert r_pt["bpd"] == pytest.approx(r100["bpd"], rel=1e-9)
 
 
+def test_bpd_subsample_gives_exactly_k_timesteps_for_every_k():
+    """num_timesteps_subsample=k evaluates exactly k KL timesteps for every k in 1..T-2 (T = 1000): distinct,
+    ascending, log-spaced blocks that cover 1..T-1 once. Rounding one geomspace used to cap this at 423 (any
+    k from 424 to 998 gave 423). k >= T-1 is the exact bound over all T-1 KL terms."""
+    T = 1000
+    for k in range(1, T + 1):
+        ts, w = metrics._kl_timesteps(T, k)
+        expect = min(k, T - 1)
+        assert ts.shape == (expect,) and w.shape == (expect,), (k, ts.shape)
+        assert np.all(np.diff(ts) > 0) and ts[0] >= 1 and ts[-1] <= T - 1, k
+        # blocks [e_i, e_i + w_i) tile 1..T-1 and each timestep lies inside its own block
+        edges = np.concatenate([[1], 1 + np.cumsum(w)]).astype(np.int64)
+        assert edges[-1] == T and np.all(w >= 1), k
+        assert np.all((ts >= edges[:-1]) & (ts < edges[1:])), k
+        if k < T - 1:
+            assert np.all(np.diff(w) >= -1), k  # block sizes grow (log spacing), up to rounding
+    assert metrics._kl_timesteps(T, 10)[0][:2].tolist() == [1, 2]  # small t (largest terms) sampled singly
+
+
+def test_bpd_reports_the_number_of_timesteps_it_evaluated():
+    sch = _schedule(1000)
+    x0 = np.zeros((1, 1, 1, 1))
+    for k in (1, 423, 424, 700, 998, 999, 1000):
+        calls = []
+        model = lambda x, t: calls.append(int(t[0])) or np.zeros_like(x)  # noqa: E731
+        r = metrics.bits_per_dim(model, sch, x0, np.random.default_rng(0), num_timesteps_subsample=k)
+        kl_calls = min(k, 999)
+        assert len(calls) == kl_calls + 1 and len(set(calls)) == kl_calls + 1, k  # + the decoder at t = 0
+        assert r["num_timesteps_evaluated"] == kl_calls + 1 and r["exact"] == (k >= 999), k
+
+
+def test_bpd_on_zero_terminal_snr_schedule_emits_no_warnings():
+    import warnings
+
+    from difnumpy.schedules import Schedule
+
+    zt = Schedule.from_name("cosine", 50, zero_terminal_snr=True)
+    x0 = np.random.default_rng(0).uniform(-1, 1, (4, 1, 2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for vt in ("fixed_small", "fixed_large"):
+            r = metrics.bits_per_dim(lambda x, t: np.zeros_like(x), zt, x0, np.random.default_rng(1),
+                                     prediction_type="v_prediction", variance_type=vt)
+            assert math.isfinite(r["bpd"])
+
+
 def test_bpd_prior_term_closed_form():
     sch = _schedule(100)
     x0 = np.random.default_rng(0).uniform(-1, 1, (8, 1, 2, 2))

@@ -1,6 +1,8 @@
 """Verification tests for the samplers: DDPM (Ho et al. 2020, Algorithm 2, eqs. 6-7, 11) and DDIM
 (Song et al. 2021, eqs. 12 and 16), checked against formulas written out independently here, against
 each other, and against an analytic oracle (the exact denoiser for Gaussian data)."""
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -163,6 +165,145 @@ def test_learned_range_interpolates_between_fixed_variances(rng):
     np.testing.assert_allclose(mid, mean + sd * z, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize("s", [LIN, COS], ids=["linear", "cosine"])
+def test_learned_range_respaced_is_equation_15(s, backend, rng):
+    """Nichol & Dhariwal 2021 eq. 15, Sigma = exp(v log beta + (1 - v) log beta~), at several t and with
+    skipped steps (prev_t != t - 1), where beta and beta~ are those of the respaced step (improved-diffusion
+    respace.py): beta = 1 - abar_t / abar_prev, beta~ = (1 - abar_prev) / (1 - abar_t) beta. Written out
+    here elementwise, independently of ddpm_step's coefficients."""
+    t = np.array([999, 700, 333, 40, 7, 1])
+    prev = np.array([949, 500, 300, 0, 2, 0])  # gaps of 50, 200, 33, 40, 5 and 1 (the unrespaced case)
+    n, c = len(t), 2
+    x_t, eps, z = _rand(rng, (n, c, 3, 3)), _rand(rng, (n, c, 3, 3)), _rand(rng, (n, c, 3, 3))
+    v_out = rng.uniform(-1.0, 1.0, (n, c, 3, 3))  # the model's interpolation output, per element
+    got, x0 = ddpm_step(s, np.concatenate([eps, v_out], axis=1), t, x_t, prev_t=prev, noise=z, clip_sample=False,
+                        variance_type="learned_range", backend=backend)
+    for i in range(n):
+        ab, ap = s.alphas_cumprod[t[i]], s.alphas_cumprod[prev[i]]
+        beta = 1.0 - ab / ap
+        beta_tilde = (1.0 - ap) / (1.0 - ab) * beta
+        x0_ref = (x_t[i] - np.sqrt(1.0 - ab) * eps[i]) / np.sqrt(ab)  # DDPM eq. 15
+        mean = np.sqrt(ap) * beta / (1.0 - ab) * x0_ref + np.sqrt(1.0 - beta) * (1.0 - ap) / (1.0 - ab) * x_t[i]
+        frac = (v_out[i] + 1.0) / 2.0  # [-1, 1] -> [0, 1] (improved-diffusion's model_var_values)
+        var = np.exp(frac * np.log(beta) + (1.0 - frac) * np.log(beta_tilde))  # eq. 15
+        np.testing.assert_allclose(x0[i], x0_ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got[i], mean + np.sqrt(var) * z[i], rtol=1e-9, atol=1e-12, err_msg=f"t={t[i]}")
+    # the respaced variance really differs from the unrespaced one: the test can tell them apart
+    assert not np.isclose(1.0 - s.alphas_cumprod[700] / s.alphas_cumprod[500], s.betas[700], rtol=0.1)
+
+
+def _ddim_eq12(s, eps, x_t, t, ap, eta, z):
+    """DDIM eq. 12 with eq. 16's sigma, for given abar_prev ``ap`` (shape (N, 1)), no clipping."""
+    ab = s.alphas_cumprod[t][:, None]
+    x0 = (x_t - np.sqrt(1 - ab) * eps) / np.sqrt(ab)
+    sigma = eta * np.sqrt((1 - ap) / (1 - ab) * (1 - ab / ap))
+    return np.sqrt(ap) * x0 + np.sqrt(1 - ap - sigma ** 2) * eps + sigma * z
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_final_alpha_cumprod_is_abar_prev_of_the_final_step(backend, rng):
+    """DDIM eq. 12 with abar_prev = final_alpha_cumprod at prev_t = -1; the other samples of the batch (prev_t
+    >= 0) are untouched by it."""
+    s = LIN
+    t, prev = np.array([300, 300, 150]), np.array([-1, 250, -1])
+    x_t, eps, z = _rand(rng, (3, 5)), _rand(rng, (3, 5)), _rand(rng, (3, 5))
+    lowest = s.alphas_cumprod[150]  # the smallest value allowed for this batch: the largest final abar_t (0.786)
+    for f in (1.0, 0.999, 0.9, lowest):
+        ap = np.array([f, s.alphas_cumprod[250], f])[:, None]
+        for eta in (0.0, 0.5, 1.0):
+            got, _ = ddim_step(s, eps, t, prev, x_t, eta=eta, noise=z, clip_sample=False, final_alpha_cumprod=f,
+                               backend=backend)
+            np.testing.assert_allclose(got, _ddim_eq12(s, eps, x_t, t, ap, eta, z), rtol=1e-10, atol=1e-10,
+                                       err_msg=f"final_alpha_cumprod={f}, eta={eta}")
+    # f = abar_t: the final step stays at the noise level of x_t, so (unclipped) it returns x_t itself
+    same, _ = ddim_step(s, eps, 150, -1, x_t, eta=1.0, noise=z, clip_sample=False, final_alpha_cumprod=lowest)
+    np.testing.assert_allclose(same, x_t, rtol=1e-10, atol=1e-10)
+    # and the value matters: 0.9 and 1.0 give different final samples
+    a, _ = ddim_step(s, eps, 150, -1, x_t, clip_sample=False, final_alpha_cumprod=0.9)
+    b, _ = ddim_step(s, eps, 150, -1, x_t, clip_sample=False)
+    assert np.abs(a - b).max() > 0.1
+
+
+def _diffusers_ddim(model, alphas_cumprod, x_T, timesteps, set_alpha_to_one, eta=0.0, rng=None):
+    """diffusers' DDIMScheduler.step loop, written out here (no clipping): the final step's alpha_prod_t_prev is
+    ``final_alpha_cumprod = 1.0 if set_alpha_to_one else alphas_cumprod[0]``."""
+    final_alpha_cumprod = 1.0 if set_alpha_to_one else alphas_cumprod[0]
+    x = x_T.astype(np.float64)
+    for i, t in enumerate(timesteps):
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        eps = model(x, np.full(x.shape[0], t, dtype=np.int64))
+        a_t = alphas_cumprod[t]
+        a_prev = alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha_cumprod
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * var ** 0.5
+        x = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+        if eta > 0:
+            x = x + std * rng.standard_normal(x.shape)
+    return x
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_final_alpha_cumprod_set_alpha_to_one_false(spacing):
+    """diffusers' set_alpha_to_one=False is final_alpha_cumprod = alphas_cumprod[0]: the whole DDIM loop matches
+    an independent loop with that rule, and differs from set_alpha_to_one=True (the default, 1.0)."""
+    s = LIN
+    oracle = GaussianOracle(s, np.array([0.3, -0.5, 0.0]), np.array([0.5, 1.0, 0.2]))
+    x_T = np.random.default_rng(0).standard_normal((16, 3))
+    ts = inference_timesteps(1000, 10, spacing).tolist()
+    ref_false = _diffusers_ddim(oracle, s.alphas_cumprod, x_T, ts, set_alpha_to_one=False)
+    ref_true = _diffusers_ddim(oracle, s.alphas_cumprod, x_T, ts, set_alpha_to_one=True)
+    got_false, traj = sample(oracle, s, x_T.shape, method="ddim", num_steps=10, spacing=spacing, x_T=x_T,
+                             clip_sample=False, final_alpha_cumprod=s.alphas_cumprod[0], return_trajectory=True)
+    got_true = sample(oracle, s, x_T.shape, method="ddim", num_steps=10, spacing=spacing, x_T=x_T, clip_sample=False)
+    np.testing.assert_allclose(got_false, ref_false, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got_true, ref_true, rtol=1e-9, atol=1e-9)
+    assert np.abs(got_false - got_true).max() > 1e-4
+    if spacing == "leading":  # the last step is t = 0 -> abar_prev = abar_0: it leaves x_t where it is
+        np.testing.assert_allclose(traj[-1]["x_t"], traj[-2]["x_t"], rtol=1e-9, atol=1e-12)
+    # with eta > 0 too (the noise of the final step is zero for leading spacing, nonzero for trailing)
+    g = sample(oracle, s, x_T.shape, method="ddim", num_steps=10, spacing=spacing, x_T=x_T, eta=0.7,
+               rng=np.random.default_rng(4), clip_sample=False, final_alpha_cumprod=s.alphas_cumprod[0])
+    assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_final_alpha_cumprod_below_abar_t_is_refused(eta, rng):
+    """A final_alpha_cumprod below abar_t of the final step used to give all-NaN samples (eta = 0 included:
+    0 * sqrt(negative)); it is a ValueError naming the argument and the abar_t it may not be below."""
+    from difnumpy.samplers import ddim_coefficients
+
+    s = LIN
+    x = _rand(rng, (2, 3))
+    abar0 = s.alphas_cumprod[0]
+    with pytest.raises(ValueError, match=r"final_alpha_cumprod=0\.5 is below alphas_cumprod\[t\]=0\.9999"):
+        ddim_step(s, x, 0, -1, x, eta=eta, final_alpha_cumprod=0.5, rng=rng if eta else None)
+    with pytest.raises(ValueError, match="final_alpha_cumprod"):  # one final sample in the batch is enough
+        ddim_step(s, x, np.array([500, 300]), np.array([400, -1]), x, eta=eta, final_alpha_cumprod=0.05,
+                  rng=rng if eta else None)
+    with pytest.raises(ValueError, match="final_alpha_cumprod"):  # just below abar_t
+        ddim_step(s, x, 0, -1, x, eta=eta, final_alpha_cumprod=np.nextafter(abar0, 0.0), rng=rng if eta else None)
+    with pytest.raises(ValueError, match="final_alpha_cumprod"):  # the CUDA loop calls the coefficients directly
+        ddim_coefficients(s, np.array([0]), np.array([-1]), eta, "epsilon", 0.5)
+    o = GaussianOracle(s, np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match="final_alpha_cumprod"):
+        sample(o, s, (4, 3), method="ddim", num_steps=10, eta=eta, final_alpha_cumprod=0.5,
+               rng=np.random.default_rng(0))
+    # the same value is fine where no final step is taken, and any value in [abar_t, 1] is fine at the final step
+    ddim_step(s, x, 500, 400, x, final_alpha_cumprod=0.5)
+    ddim_coefficients(s, np.array([999]), np.array([-1]), eta, "epsilon", 0.5)
+    for f in (abar0, 1.0):
+        out, _ = ddim_step(s, x, 0, -1, x, eta=eta, final_alpha_cumprod=f, rng=rng if eta else None)
+        assert np.all(np.isfinite(out))
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="final_alpha_cumprod must lie in"):
+            ddim_step(s, x, 0, -1, x, final_alpha_cumprod=bad)
+    for bad in ("1.0", None, True):
+        with pytest.raises(TypeError, match="final_alpha_cumprod"):
+            ddim_step(s, x, 0, -1, x, final_alpha_cumprod=bad)
+
+
 def test_clipping_and_dynamic_thresholding(rng):
     x_t = 3 * _rand(rng, (4, 50))
     eps = _rand(rng, (4, 50))
@@ -320,3 +461,23 @@ def test_sampler_bad_input(rng):
     x_nan[0, 0] = np.nan
     with pytest.raises(ValueError, match="x_t contains NaN"):
         ddpm_step(LIN, x, 5, x_nan, noise=x)
+
+
+@pytest.mark.parametrize("pred", ["v_prediction", "sample"])
+def test_zero_terminal_snr_sampling_emits_no_warnings(pred, rng):
+    """Steps and whole loops on a zero-terminal-SNR schedule (abar_{T-1} == 0) must not warn: every coefficient is
+    computed from the gathered abar_t, never from the whole buffer."""
+    zt = Schedule.from_name("linear", 100, zero_terminal_snr=True)
+    x = _rand(rng, (3, 2, 2, 2))
+    t, prev = np.array([99, 50, 0]), np.array([89, 0, -1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ddpm_step(zt, x, t, x, prev_t=prev, rng=rng, prediction_type=pred)
+        ddpm_step(zt, np.concatenate([x, x * 0], axis=1), t, x, prev_t=prev, rng=rng, prediction_type=pred,
+                  variance_type="learned_range")
+        ddim_step(zt, x, t, prev, x, eta=0.5, rng=rng, prediction_type=pred)
+        ddpm_step(zt, x, np.array([5, 6, 7]), x, rng=rng)  # epsilon wherever abar > 0
+        for method in ("ddpm", "ddim"):
+            out = sample(lambda a, b: np.zeros_like(a), zt, (2, 3), method=method, num_steps=10, spacing="trailing",
+                         prediction_type=pred, rng=np.random.default_rng(0))
+            assert np.all(np.isfinite(out))
