@@ -5,9 +5,10 @@ Layout of the file (every entry a plain numeric array; loaded with ``allow_pickl
 ==========================  =====================================================================
 ``format_version``          0-d int64, :data:`FORMAT_VERSION`
 ``meta``                    uint8 array: UTF-8 JSON with the model class and config, the trainer
-                            hyperparameters, the schedule name, the EMA decay and update count, the
-                            step, the parameter shapes/dtypes and the rng's bit-generator state
-                            (big integers written as decimal strings)
+                            hyperparameters (prediction type included), the schedule name and T, the
+                            EMA decay and update count, the step, the parameter shapes/dtypes, the
+                            rng's bit-generator state (big integers written as decimal strings) and
+                            the run metadata ``run`` (see below)
 ``step``                    0-d int64, number of updates applied
 ``schedule/betas``          (T,) float64
 ``params/<key>``            the model's parameters
@@ -16,6 +17,17 @@ Layout of the file (every entry a plain numeric array; loaded with ``allow_pickl
 ``optim/v/<key>``
 ``optim/<scalar>``          0-d arrays: step, lr, beta1, beta2, eps, weight_decay
 ==========================  =====================================================================
+
+The run metadata (``meta["run"]``, format version 2) says what the model was trained on, so that
+sampling, evaluation and resuming never guess: ``image_shape`` [C, H, W], ``data`` (the data source),
+``batch_size``, ``seed`` and ``num_classes`` (None: unconditional); together with the schedule (name
+and T) and the prediction type, :func:`read_metadata` returns them. A value the writer did not know is
+stored as null. Version 1 files (before the run metadata) are still read; their run metadata is null.
+
+The archive is written with ``np.savez`` without keyword options (NumPy before 2.1 stores any keyword,
+``allow_pickle=False`` included, as one more array), after checking that every entry is a plain numeric
+array, so the file holds exactly the entries above on every NumPy version. Loading refuses any entry
+not listed above.
 
 Saving writes to a temporary file in the destination directory, flushes and fsyncs it, then
 ``os.replace`` s it over the destination: a crash mid-save leaves the previous checkpoint intact.
@@ -37,10 +49,15 @@ from difnumpy.kernels import check_backend
 from difnumpy.schedules import Schedule
 from difnumpy.trainer import Trainer
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model", "read_checkpoint"]
+__all__ = ["FORMAT_VERSION", "RUN_METADATA_KEYS", "save_checkpoint", "load_checkpoint", "load_model",
+           "read_checkpoint", "read_metadata"]
 
-#: Version of the on-disk layout; bumped on incompatible changes.
-FORMAT_VERSION = 1
+#: Version of the on-disk layout written; bumped on incompatible changes. Version 2 added ``meta["run"]``.
+FORMAT_VERSION = 2
+#: Versions this module reads (version 1 files have no run metadata).
+READABLE_VERSIONS = (1, 2)
+#: Keys of the run metadata ``meta["run"]`` (see the module docstring).
+RUN_METADATA_KEYS = ("image_shape", "data", "batch_size", "seed", "num_classes")
 _FORMAT_NAME = "difnumpy-checkpoint"
 _ZIP_MAGIC = b"PK\x03\x04"
 _OPTIM_SCALARS = ("step", "lr", "beta1", "beta2", "eps", "weight_decay")
@@ -147,7 +164,55 @@ def _class_path(cls) -> str:
 # Saving
 # --------------------------------------------------------------------------------------------------
 
-def _trainer_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
+def _check_run_metadata(run: Any, where: str, model_config: dict | None = None) -> dict:
+    """The run metadata as a dict with every key of :data:`RUN_METADATA_KEYS` (None: unknown), checked.
+
+    ``where`` starts the error messages (the argument or the file). With ``model_config``, an image
+    shape is also checked against the model: C must be its ``in_channels``, H and W divisible by
+    ``2 ** (len(channel_mults) - 1)``.
+    """
+    if run is None:
+        run = {}
+    if not isinstance(run, dict):
+        raise TypeError(f"{where} must be a dict with keys {RUN_METADATA_KEYS}, got {type(run).__name__}")
+    unknown = sorted(set(run) - set(RUN_METADATA_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}; allowed: {RUN_METADATA_KEYS}")
+    out = {k: run.get(k) for k in RUN_METADATA_KEYS}
+
+    def pos_int(v, name, lo=1):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{where}: {name} must be an int >= {lo} or None, got {v!r}")
+        return int(v)
+
+    shape = out["image_shape"]
+    if shape is not None:
+        if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 3:
+            raise ValueError(f"{where}: image_shape must be (C, H, W) or None, got {shape!r}")
+        shape = [pos_int(v, "image_shape", 1) for v in shape]
+        if model_config is not None:
+            c = model_config.get("in_channels")
+            levels = len(model_config.get("channel_mults") or (1,))
+            div = 2 ** (levels - 1)
+            if c is not None and shape[0] != int(c):
+                raise ValueError(f"{where}: image_shape {tuple(shape)} has {shape[0]} channel(s), the model "
+                                 f"has in_channels={c}")
+            if shape[1] % div or shape[2] % div:
+                raise ValueError(f"{where}: image_shape {tuple(shape)}: H and W must be divisible by "
+                                 f"2**(levels-1) = {div} for the model's {levels} levels")
+        out["image_shape"] = shape
+    if out["data"] is not None and (not isinstance(out["data"], str) or not out["data"]):
+        raise ValueError(f"{where}: data must be a non-empty str (the data source) or None, got {out['data']!r}")
+    if out["batch_size"] is not None:
+        out["batch_size"] = pos_int(out["batch_size"], "batch_size", 1)
+    if out["seed"] is not None:
+        out["seed"] = pos_int(out["seed"], "seed", 0)
+    if out["num_classes"] is not None:
+        out["num_classes"] = pos_int(out["num_classes"], "num_classes", 1)
+    return out
+
+
+def _trainer_arrays(trainer: Trainer, metadata: dict | None) -> dict[str, np.ndarray]:
     if not isinstance(trainer, Trainer):
         raise TypeError(f"trainer must be a difnumpy Trainer, got {type(trainer).__name__}")
     trainer.sync_to_host()  # backend="cuda": the state of the last step lives on the device
@@ -156,7 +221,9 @@ def _trainer_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
     config = getattr(model, "config", None)
     if not isinstance(config, dict):
         raise TypeError(f"trainer.model must have a .config dict, got {type(model).__name__}")
+    run = _check_run_metadata(metadata, "metadata", config)
     opt_state = trainer.optimizer.state_dict()
+    ema_state = trainer.ema.state_dict()
     meta = {
         "format": _FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -164,10 +231,11 @@ def _trainer_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
         "model_config": config,
         "trainer": trainer.hparams(),
         "schedule": {"name": trainer.schedule.name, "num_timesteps": trainer.schedule.num_timesteps},
-        "ema": {"decay": trainer.ema.decay, "num_updates": trainer.ema.num_updates},
+        "ema": {"decay": ema_state["decay"], "num_updates": ema_state["num_updates"]},
         "step": trainer.step_count,
         "params": {k: {"shape": list(p.shape), "dtype": p.dtype.name} for k, p in params.items()},
         "rng": rng_to_json(trainer.rng),
+        "run": run,
     }
     arrays: dict[str, np.ndarray] = {
         "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
@@ -177,16 +245,27 @@ def _trainer_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
     }
     for k, p in params.items():
         arrays[f"params/{k}"] = p
-        arrays[f"ema/{k}"] = trainer.ema.params[k]
+        arrays[f"ema/{k}"] = ema_state[f"params/{k}"]
         arrays[f"optim/m/{k}"] = opt_state[f"m/{k}"]
         arrays[f"optim/v/{k}"] = opt_state[f"v/{k}"]
     arrays["optim/step"] = np.array(opt_state["step"], dtype=np.int64)
     for s in _OPTIM_SCALARS[1:]:
         arrays[f"optim/{s}"] = np.array(opt_state[s], dtype=np.float64)
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind not in "biuf":  # np.savez would pickle an object array: never write one
+            raise TypeError(f"checkpoint entry {name!r} has dtype {a.dtype}; only numeric arrays are stored")
+        arrays[name] = a
     return arrays
 
 
-def save_checkpoint(path: str | os.PathLike, trainer: Trainer) -> str:
+def _write_npz(f, arrays: dict[str, np.ndarray]) -> None:
+    # No keyword options: before NumPy 2.1 np.savez(f, allow_pickle=False, **arrays) stored an extra
+    # array named "allow_pickle". The arrays are checked numeric above, so nothing is pickled.
+    np.savez(f, **arrays)
+
+
+def save_checkpoint(path: str | os.PathLike, trainer: Trainer, metadata: dict | None = None) -> str:
     """Save everything needed to resume ``trainer`` bit for bit into one ``.npz`` file, atomically.
 
     Parameters
@@ -194,18 +273,34 @@ def save_checkpoint(path: str | os.PathLike, trainer: Trainer) -> str:
     path : str or path-like
         Destination file (written exactly there; no ``.npz`` suffix is appended). Its directory must exist.
     trainer : Trainer
+    metadata : dict, optional
+        The run metadata (:data:`RUN_METADATA_KEYS`): ``image_shape`` (C, H, W) of the training images,
+        ``data`` (the data source, e.g. ``"digits"`` or a file path), ``batch_size``, ``seed`` and
+        ``num_classes`` (None: unconditional). A key left out is stored as null (unknown);
+        :func:`difnumpy.train.train` fills in every key. The schedule and the prediction type come from
+        the trainer.
 
     Returns
     -------
     str
         The path written.
 
+    Raises
+    ------
+    TypeError, ValueError
+        ``trainer`` is not a Trainer; ``metadata`` has an unknown key or a bad value, e.g. an image
+        shape whose C is not the model's ``in_channels`` or whose H, W the U-Net cannot halve
+        ``len(channel_mults) - 1`` times.
+    FileNotFoundError
+        The directory of ``path`` does not exist.
+
     Notes
     -----
     A ``backend="cuda"`` trainer's device state is downloaded first (:meth:`~difnumpy.trainer.Trainer.sync_to_host`).
-    The arrays are written with ``np.savez(..., allow_pickle=False)`` to a temporary file in the same
-    directory, flushed and fsynced, then moved over ``path`` with ``os.replace`` (atomic on POSIX and
-    Windows); on any error the temporary file is removed and an existing ``path`` is left untouched.
+    The arrays, all numeric (checked), are written with ``np.savez`` (no keyword options, so the archive
+    holds the same entries on every NumPy version) to a temporary file in the same directory, flushed and
+    fsynced, then moved over ``path`` with ``os.replace`` (atomic on POSIX and Windows); on any error the
+    temporary file is removed and an existing ``path`` is left untouched.
     """
     path = os.fspath(path)
     if not isinstance(path, str):
@@ -213,8 +308,8 @@ def save_checkpoint(path: str | os.PathLike, trainer: Trainer) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot save checkpoint {path!r}: directory {directory!r} does not exist")
-    arrays = _trainer_arrays(trainer)
-    atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
+    arrays = _trainer_arrays(trainer, metadata)
+    atomic_write(path, lambda f: _write_npz(f, arrays))
     return path
 
 
@@ -270,9 +365,9 @@ def _read_meta(path: str, arrays: dict) -> dict:
     fv = arrays["format_version"]
     if fv.shape != () or fv.dtype.kind not in "iu":
         raise ValueError(f"checkpoint file {path!r}: format_version must be a 0-d integer, got {fv.dtype} {fv.shape}")
-    if int(fv) != FORMAT_VERSION:
+    if int(fv) not in READABLE_VERSIONS:
         raise ValueError(f"checkpoint file {path!r} has format version {int(fv)}; this difnumpy reads "
-                         f"version {FORMAT_VERSION}")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}")
     raw = arrays["meta"]
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise ValueError(f"checkpoint file {path!r}: 'meta' must be a 1-D uint8 array, got {raw.dtype} {raw.shape}")
@@ -289,6 +384,22 @@ def _read_meta(path: str, arrays: dict) -> dict:
         raise ValueError(f"checkpoint file {path!r}: 'meta' lists no parameters")
     if not isinstance(meta["model_config"], dict):
         raise ValueError(f"checkpoint file {path!r}: model_config must be a JSON object")
+    if meta.get("format_version") != int(fv):
+        raise ValueError(f"checkpoint file {path!r}: 'meta' says format version {meta.get('format_version')!r}, "
+                         f"the file {int(fv)}")
+    if int(fv) >= 2:
+        if "run" not in meta:
+            raise ValueError(f"checkpoint file {path!r}: 'meta' lacks the 'run' field (the run metadata)")
+        if not isinstance(meta["run"], dict) or set(meta["run"]) != set(RUN_METADATA_KEYS):
+            raise ValueError(f"checkpoint file {path!r}: the run metadata must have the keys "
+                             f"{list(RUN_METADATA_KEYS)}, got {meta['run']!r}")
+        meta["run"] = _check_run_metadata(meta["run"], f"checkpoint file {path!r}", meta["model_config"])
+    elif "run" in meta:
+        raise ValueError(f"checkpoint file {path!r}: a version 1 file has no 'run' field")
+    sched = meta["schedule"]
+    if not isinstance(sched, dict) or not isinstance(sched.get("num_timesteps"), int) \
+            or not isinstance(sched.get("name"), (str, type(None))):
+        raise ValueError(f"checkpoint file {path!r}: 'schedule' must hold a name and num_timesteps, got {sched!r}")
     return meta
 
 
@@ -301,9 +412,11 @@ def _check_entries(path: str, arrays: dict, meta: dict) -> None:
     missing = sorted(expected - set(arrays))
     extra = sorted(set(arrays) - expected)
     if missing or extra:
+        hint = ("; an 'allow_pickle' entry comes from difnumpy 0.1.0 saving on NumPy < 2.1 (a bug, "
+                "since fixed)" if "allow_pickle" in extra else "")
         raise ValueError(f"checkpoint file {path!r} has the wrong entries: missing {missing[:6]}"
                          f"{' ...' if len(missing) > 6 else ''}, unexpected {extra[:6]}"
-                         f"{' ...' if len(extra) > 6 else ''}")
+                         f"{' ...' if len(extra) > 6 else ''}{hint}")
     for k in keys:
         info = meta["params"][k]
         shape, dtype = tuple(info["shape"]), np.dtype(info["dtype"])
@@ -323,6 +436,9 @@ def _check_entries(path: str, arrays: dict, meta: dict) -> None:
     if betas.ndim != 1 or betas.dtype != np.float64:
         raise ValueError(f"checkpoint file {path!r}: schedule/betas must be a 1-D float64 array, "
                          f"got {betas.dtype} {betas.shape}")
+    if betas.shape[0] != meta["schedule"]["num_timesteps"]:
+        raise ValueError(f"checkpoint file {path!r}: the header's schedule has T={meta['schedule']['num_timesteps']}, "
+                         f"schedule/betas holds {betas.shape[0]} values")
 
 
 def _build_model(path: str, meta: dict, arrays: dict, prefix: str, model_cls=None, backend=None):
@@ -365,6 +481,40 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     meta = _read_meta(path, arrays)
     _check_entries(path, arrays, meta)
     return meta, arrays
+
+
+def read_metadata(checkpoint: str | os.PathLike | dict) -> dict:
+    """What a checkpoint says about its run: everything sampling, evaluation and resuming need.
+
+    Parameters
+    ----------
+    checkpoint : str, path-like or dict
+        A checkpoint file, or the ``meta`` header :func:`read_checkpoint` returned for one.
+
+    Returns
+    -------
+    dict
+        ``image_shape`` ((C, H, W) tuple), ``data``, ``batch_size``, ``seed``, ``num_classes`` (the run
+        metadata; None where unknown: written without it, or a format 1 file), ``schedule`` (name),
+        ``num_timesteps``, ``prediction_type`` and ``format_version``.
+
+    Raises
+    ------
+    FileNotFoundError, OSError, ValueError
+        See :func:`read_checkpoint`.
+    """
+    if isinstance(checkpoint, dict):
+        meta = checkpoint
+    else:
+        meta, _ = read_checkpoint(checkpoint)
+    run = meta.get("run") or {k: None for k in RUN_METADATA_KEYS}
+    out = {k: run.get(k) for k in RUN_METADATA_KEYS}
+    if out["image_shape"] is not None:
+        out["image_shape"] = tuple(int(v) for v in out["image_shape"])
+    hp = meta.get("trainer") if isinstance(meta.get("trainer"), dict) else {}
+    out.update(schedule=meta["schedule"].get("name"), num_timesteps=int(meta["schedule"]["num_timesteps"]),
+               prediction_type=hp.get("prediction_type"), format_version=int(meta["format_version"]))
+    return out
 
 
 def load_checkpoint(path: str | os.PathLike, *, model_cls=None, backend: str | None = None) -> Trainer:

@@ -2,11 +2,13 @@
 import json
 import os
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
 
-from difnumpy.checkpoint import FORMAT_VERSION, load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from difnumpy.checkpoint import (FORMAT_VERSION, RUN_METADATA_KEYS, load_checkpoint, load_model, read_checkpoint,
+                                 read_metadata, save_checkpoint)
 from difnumpy.nn.unet import UNet
 from difnumpy.schedules import Schedule
 from difnumpy.trainer import Trainer
@@ -33,10 +35,12 @@ def _trainer(schedule, seed=7):
 
 
 def _snapshot(tr):
+    """Everything a resumed run depends on, through the Trainer's public API."""
+    opt = tr.optimizer.state_dict()
+    ema = tr.ema.state_dict()
     return {"params": {k: v.copy() for k, v in tr.model.params.items()},
-            "ema": {k: v.copy() for k, v in tr.ema.params.items()},
-            "m": {k: v.copy() for k, v in tr.optimizer.m.items()},
-            "v": {k: v.copy() for k, v in tr.optimizer.v.items()}}
+            "ema": {k: np.asarray(v).copy() for k, v in ema.items()},
+            "optim": {k: np.asarray(v).copy() for k, v in opt.items()}}
 
 
 def _assert_same(a, b):
@@ -62,8 +66,11 @@ def _rewrite(src, dst, edit):
     with np.load(src, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     edit(arrays)
-    with open(dst, "wb") as f:
-        np.savez(f, **arrays)
+    # written member by member (np.savez would take a key like "allow_pickle" as its own option)
+    with zipfile.ZipFile(dst, "w") as z:
+        for name, a in arrays.items():
+            with z.open(name + ".npy", "w") as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
     return dst
 
 
@@ -287,3 +294,181 @@ def test_mismatched_files(tmp_path, saved):
     with pytest.raises(ValueError, match="another config"):
         load_model(tmp_path / "other_config.npz")
     assert load_model(tmp_path / "bad_rng.npz").config["base_channels"] == 8
+
+
+# ---- the same file on every NumPy version (issue 14, item 1) -------------------------------------
+
+def _expected_entries(tr):
+    names = {"format_version", "meta", "step", "schedule/betas", "optim/step", "optim/lr", "optim/beta1",
+             "optim/beta2", "optim/eps", "optim/weight_decay"}
+    for k in tr.model.params:
+        names |= {f"params/{k}", f"ema/{k}", f"optim/m/{k}", f"optim/v/{k}"}
+    return names
+
+
+def test_archive_holds_exactly_the_documented_entries(saved):
+    path, tr = saved
+    with zipfile.ZipFile(path) as z:
+        names = {n[:-4] for n in z.namelist()}
+        assert all(n.endswith(".npy") for n in z.namelist())
+    assert names == _expected_entries(tr)  # no "allow_pickle" or any other stray entry
+
+
+def test_savez_of_numpy_before_2_1_writes_a_loadable_file(tmp_path, saved, monkeypatch):
+    """NumPy < 2.1's ``savez(file, *args, **kwds)`` stores every keyword as an array: a call like
+    ``np.savez(f, allow_pickle=False, **arrays)`` then writes an extra entry and the loader refuses
+    the file. Emulate that signature on any NumPy: the checkpoint must still round-trip."""
+    def savez_before_2_1(file, *args, **kwds):  # numpy 1.24's savez: no options, every keyword is an array
+        kwds.update({f"arr_{i}": a for i, a in enumerate(args)})
+        with zipfile.ZipFile(file, "w") as z:
+            for name, a in kwds.items():
+                with z.open(name + ".npy", "w") as f:
+                    np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=True)
+
+    monkeypatch.setattr(np, "savez", savez_before_2_1)
+    _, tr = saved
+    dst = tmp_path / "old_numpy.npz"
+    save_checkpoint(dst, tr)
+    monkeypatch.undo()
+    meta, arrays = read_checkpoint(dst)
+    assert set(arrays) == _expected_entries(tr)
+    _assert_same(_snapshot(tr), _snapshot(load_checkpoint(dst)))
+
+
+def test_stray_allow_pickle_entry_is_refused_with_a_hint(tmp_path, saved):
+    dst = _rewrite(saved[0], tmp_path / "stray.npz", lambda a: a.update(allow_pickle=np.array(False)))
+    with pytest.raises(ValueError, match=r"unexpected \['allow_pickle'\].*NumPy < 2.1"):
+        load_checkpoint(dst)
+
+
+def test_object_arrays_are_never_written(tmp_path, saved, monkeypatch):
+    from difnumpy import checkpoint
+
+    _, tr = saved
+    real = checkpoint._json_to_array
+    monkeypatch.setattr(checkpoint, "_json_to_array", lambda obj: np.array([real(obj)], dtype=object))
+    with pytest.raises(TypeError, match="'meta' has dtype object"):
+        save_checkpoint(tmp_path / "obj.npz", tr)
+    assert not os.listdir(tmp_path)
+
+
+# ---- run metadata (issue 14, item 3) -------------------------------------------------------------
+
+META = dict(image_shape=(1, 12, 16), data="digits", batch_size=4, seed=3)
+
+
+def test_metadata_round_trip(tmp_path, saved):
+    _, tr = saved
+    path = tmp_path / "m.npz"
+    save_checkpoint(path, tr, metadata=META)
+    md = read_metadata(path)
+    assert md == {"image_shape": (1, 12, 16), "data": "digits", "batch_size": 4, "seed": 3, "num_classes": None,
+                  "schedule": "cosine", "num_timesteps": 50, "prediction_type": "v_prediction",
+                  "format_version": FORMAT_VERSION}
+    meta, _ = read_checkpoint(path)
+    assert read_metadata(meta) == md and set(meta["run"]) == set(RUN_METADATA_KEYS)
+    # the class count has its place, for class-conditional models to fill in
+    save_checkpoint(path, tr, metadata=dict(META, num_classes=10))
+    assert read_metadata(path)["num_classes"] == 10
+    # written without metadata: every run field is stored, as null (unknown), never a default
+    save_checkpoint(path, tr)
+    md = read_metadata(path)
+    assert all(md[k] is None for k in RUN_METADATA_KEYS) and md["num_timesteps"] == 50
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(colour="red"), "unknown key"),
+    (dict(image_shape=(3, 8, 8)), "in_channels=1"),
+    (dict(image_shape=(1, 12, 15)), "divisible"),          # two levels: H, W must be even
+    (dict(image_shape=(1, 8)), r"\(C, H, W\)"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(seed=-1), "seed"),
+    (dict(data=""), "data"),
+    (dict(num_classes=True), "num_classes"),
+])
+def test_bad_metadata_is_refused_before_writing(tmp_path, saved, bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        save_checkpoint(tmp_path / "m.npz", saved[1], metadata=bad)
+    assert not os.listdir(tmp_path)
+    with pytest.raises(TypeError, match="metadata must be a dict"):
+        save_checkpoint(tmp_path / "m.npz", saved[1], metadata=[("seed", 1)])
+
+
+def _as_version_1(a):
+    a["format_version"] = np.array(1)
+
+    def f(meta):
+        meta["format_version"] = 1
+        del meta["run"]
+    _edit_meta(a, f)
+
+
+def test_version_1_files_load_without_run_metadata(tmp_path, saved):
+    path, tr = saved
+    old = _rewrite(path, tmp_path / "v1.npz", _as_version_1)
+    _assert_same(_snapshot(tr), _snapshot(load_checkpoint(old)))
+    md = read_metadata(old)
+    assert md["format_version"] == 1 and all(md[k] is None for k in RUN_METADATA_KEYS)
+    assert md["schedule"] == "cosine" and md["prediction_type"] == "v_prediction"
+
+
+def test_missing_or_contradictory_metadata_is_refused(tmp_path, saved):
+    path, _ = saved
+
+    def no_run(a):
+        _edit_meta(a, lambda meta: meta.pop("run"))
+
+    def short_run(a):
+        _edit_meta(a, lambda meta: meta["run"].pop("seed"))
+
+    def wrong_channels(a):
+        _edit_meta(a, lambda meta: meta["run"].update(image_shape=[3, 8, 8]))
+
+    def wrong_T(a):
+        _edit_meta(a, lambda meta: meta["schedule"].update(num_timesteps=1000))
+
+    def v1_with_run(a):
+        a["format_version"] = np.array(1)
+        _edit_meta(a, lambda meta: meta.update(format_version=1))
+
+    def header_version(a):
+        _edit_meta(a, lambda meta: meta.update(format_version=1))
+
+    for edit, msg in [(no_run, "lacks the 'run' field"), (short_run, "run metadata must have the keys"),
+                      (wrong_channels, "in_channels=1"), (wrong_T, "T=1000.*50 values"),
+                      (v1_with_run, "version 1 file has no 'run'"), (header_version, "says format version 1")]:
+        dst = _rewrite(path, tmp_path / f"{edit.__name__}.npz", edit)
+        with pytest.raises(ValueError, match=msg):
+            read_metadata(dst)
+        with pytest.raises(ValueError, match=msg):
+            load_model(dst)
+
+
+# ---- resume exactness on the default backend (issue 14, item 12) --------------------------------
+
+def test_resume_is_bit_for_bit_on_the_default_cpu_backend(tmp_path, schedule, data):
+    """The numba kernels (backend "cpu", the default of UNet and Trainer) resume exactly too."""
+    config = dict(CONFIG)
+    del config["backend"]
+    hp = dict(HP)
+    del hp["backend"]
+
+    def make():
+        tr = Trainer(UNet(**config, rng=1), schedule, rng=np.random.default_rng(5), **hp)
+        assert tr.model.backend == "cpu" and tr.hparams()["backend"] == "cpu"
+        return tr
+
+    ref = make()
+    ref_losses = [ref.step(data[i % 3]) for i in range(5)]
+    tr = make()
+    losses = [tr.step(data[i % 3]) for i in range(2)]
+    path = tmp_path / "cpu.npz"
+    save_checkpoint(path, tr, metadata=dict(image_shape=(1, 8, 8), data="test", batch_size=4, seed=5))
+    del tr
+    resumed = load_checkpoint(path)
+    assert resumed.model.backend == "cpu" and resumed.hparams()["backend"] == "cpu"
+    losses += [resumed.step(data[i % 3]) for i in range(2, 5)]
+    assert losses == ref_losses  # exact float equality
+    assert resumed.step_count == ref.step_count == 5
+    _assert_same(_snapshot(ref), _snapshot(resumed))
+    assert resumed.rng.bit_generator.state == ref.rng.bit_generator.state
