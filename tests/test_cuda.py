@@ -2,18 +2,24 @@
 
 Runs under numba's CUDA simulator in CI (``NUMBA_ENABLE_CUDASIM=1`` must be set before numba is imported,
 see .ci/run); skipped as a whole when neither a GPU nor the simulator is usable. The simulator runs one
-Python thread per CUDA thread, so every shape here is tiny. Tests marked ``gpu`` need a real GPU.
+Python thread per CUDA thread, so every shape here is tiny. Tests marked ``gpu`` need a real GPU. The PTX
+test compiles every registered kernel for real hardware in a subprocess without the simulator.
 """
+import ast
+import copy as copy_mod
 import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from difnumpy.kernels import get_backend
 from difnumpy.kernels import reference as ref
+from difnumpy.kernels.api import BACKEND_API, missing_api
 
 try:
     ck = get_backend("cuda")
@@ -21,15 +27,15 @@ except RuntimeError as e:  # no GPU, no numba-cuda, and the simulator is off
     pytest.skip(f"CUDA backend not usable here ({e})", allow_module_level=True)
 
 from difnumpy import Schedule, Trainer, UNet, sample  # noqa: E402
+from difnumpy.kernels.cuda import _runtime as rt  # noqa: E402
 
 pytestmark = [
-    # numba.cuda.random's xoroshiro128p on the simulator does uint64 arithmetic in NumPy scalars
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning"),
 ]
 
 needs_gpu = pytest.mark.skipif(ck.SIMULATOR, reason="needs a real NVIDIA GPU (the CUDA simulator is on)")
 DTYPES = [np.float32, np.float64]
+PACKAGE = Path(ck.__file__).parent
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,7 +56,7 @@ def randn(rng, shape, dt):
 
 
 # ---------------------------------------------------------------------------------------------------
-# availability and errors
+# availability, the API, errors
 
 
 def test_cuda_available_and_simulator_flag():
@@ -80,66 +86,204 @@ def test_unusable_cuda_is_a_clear_runtime_error():
     assert "NUMBA_ENABLE_CUDASIM" in r.stdout and "backend='cuda'" in r.stdout
 
 
+def test_package_provides_exactly_the_backend_api():
+    assert missing_api(ck) == []
+    assert ck.__all__[:len(BACKEND_API)] == list(BACKEND_API)
+    assert all(hasattr(ck, name) for name in ck.__all__)
+    # every public function of the family modules is an API function (no private extras sneak out)
+    for mod in ("elementwise", "conv", "groupnorm", "linear", "layout", "optim"):
+        tree = ast.parse((PACKAGE / f"{mod}.py").read_text())
+        public = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
+                  and not n.name.startswith("build_")}
+        assert public <= set(BACKEND_API), (mod, public - set(BACKEND_API))
+
+
 def test_bad_arguments_name_the_argument(rng):
-    x = randn(rng, (1, 2, 3, 3), np.float32)
+    f32 = np.float32
+    x = randn(rng, (1, 2, 3, 3), f32)
+    z2 = np.zeros(2, f32)
     with pytest.raises(TypeError, match="w must have dtype float32"):
-        ck.conv2d_forward(x, randn(rng, (2, 2, 3, 3), np.float64), np.zeros(2, np.float32), 1, 1)
+        ck.conv2d_forward(x, randn(rng, (2, 2, 3, 3), np.float64), z2, 1, 1)
     with pytest.raises(TypeError, match="x must be a numpy ndarray or a numba.cuda device array"):
         ck.conv2d_forward([1.0], x, x, 1, 1)
+    with pytest.raises(ValueError, match="b must have shape"):
+        ck.conv2d_forward(x, randn(rng, (2, 2, 3, 3), f32), np.zeros(3, f32), 1, 1)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        ck.conv2d_forward(x, randn(rng, (2, 2, 3, 3), f32), z2, 0, 1)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        ck.conv2d_backward_input(randn(rng, (1, 2, 2, 2), f32), randn(rng, (2, 2, 3, 3), f32), x.shape, 1, 1)
+    with pytest.raises(ValueError, match="w_shape has 3 input channels"):
+        ck.conv2d_backward_weight(randn(rng, (1, 2, 3, 3), f32), x, (2, 3, 3, 3), 1, 1)
     with pytest.raises(ValueError, match="groups must divide"):
-        ck.group_norm_silu_forward(x, np.ones(2, np.float32), np.zeros(2, np.float32), 3, 1e-5, True)
+        ck.group_norm_silu_forward(x, np.ones(2, f32), z2, 3, 1e-5, True)
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        ck.group_norm_silu_forward(x, np.ones(3, f32), z2, 1, 1e-5, True)
+    with pytest.raises(ValueError, match="rstd must have shape"):
+        ck.group_norm_silu_backward(x, x, np.ones(2, f32), z2, np.zeros((1, 1), f32), np.zeros((1, 2), f32), 1, True)
     with pytest.raises(ValueError, match="step must be"):
-        p = np.zeros(3, np.float32)
+        p = np.zeros(3, f32)
         ck.adam_update(p, p.copy(), p.copy(), p.copy(), 1e-3, 0.9, 0.999, 1e-8, 0.0, 0)
-    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
-        ck.randn((2,), np.int32, rng=0)
+    with pytest.raises(ValueError, match="sqrt_1m_ab must have shape"):
+        ck.q_sample(np.zeros((2, 3), f32), np.zeros((2, 3), f32), np.ones(2), np.ones(3))
+    with pytest.raises(ValueError, match="coef must have shape"):
+        a = np.zeros((2, 3), f32)
+        ck.sampler_update(a, a, a, np.zeros((2, 4)), np.zeros(2), np.zeros(2))
+    with pytest.raises(ValueError, match="b must have shape"):
+        ck.add_(np.zeros(3, f32), np.zeros(4, f32))
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        ck.axpy_(np.zeros(3, f32), np.zeros(3), 2.0)
+    with pytest.raises(ValueError, match="t must have shape"):
+        ck.add_channel_bias_(x, np.zeros((1, 3), f32))
+    with pytest.raises(ValueError, match="h must be 4-D"):
+        ck.sum_hw(np.zeros((2, 3), f32))
+    with pytest.raises(ValueError, match="w must have shape"):
+        ck.linear_backward(np.zeros((2, 3), f32), np.zeros((2, 4), f32), np.zeros((3, 5), f32))
+    with pytest.raises(ValueError, match="channels .* do not add up"):
+        ck.split_channels(x, (1, 2))
+    with pytest.raises(ValueError, match=r"xs\[1\] has shape"):
+        ck.concat_channels([x, np.zeros((2, 2, 3, 3), f32)])
+    with pytest.raises(ValueError, match="src must have the shape of dst"):
+        ck.copy_into(ck.zeros((2, 3), f32), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="pred must not be empty"):
+        ck.mse_loss(np.zeros(0, f32), np.zeros(0, f32))
 
 
 # ---------------------------------------------------------------------------------------------------
-# every kernel against its NumPy twin
-
-
-def test_scalar_maths_cpu_and_device_compilations(rng):
-    y = randn(rng, 50, np.float64) * 5
-    half, one = 0.5, 1.0
-    s = np.array([ck.scalar_cpu.sigmoid(v, half) for v in y])
-    np.testing.assert_allclose(s, ref._sigmoid(y), rtol=1e-12)
-    g = np.array([ck.scalar_cpu.silu_grad(v, one, half) for v in y])
-    sg = ref._sigmoid(y)
-    np.testing.assert_allclose(g, sg * (1 + y * (1 - sg)), rtol=1e-12)
-    xp, x0 = ck.scalar_cpu.sampler(0.3, -0.2, 1.5, 2.0, 1.0, 0.5, 0.25, 0.1, -1.0, 1.0)
-    assert np.isclose(x0, 0.4)
-    assert np.isclose(xp, 0.5 * x0 + 0.25 * 0.3 + 0.1 * 1.5)
+# the array functions
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-def test_q_sample_and_sampler_update(dt, rng):
-    n, m = 3, 7
-    x0, e = randn(rng, (n, m), dt), randn(rng, (n, m), dt)
-    a, b = rng.uniform(0.1, 1, n), rng.uniform(0.1, 1, n)
-    np.testing.assert_allclose(ck.q_sample(x0, e, a, b), ref.q_sample(x0, e, a, b), **tol(dt))
-    out = np.empty_like(x0)
-    assert ck.q_sample(x0, e, a, b, out=out) is out
-    coef = rng.standard_normal((n, 5))
-    lo, hi = np.array([-1.0, -np.inf, -0.5]), np.array([1.0, np.inf, 0.2])
-    got = ck.sampler_update(x0, e, x0 * 2, coef, lo, hi)
-    want = ref.sampler_update(x0, e, x0 * 2, coef, lo, hi)
-    for g, w in zip(got, want):
-        assert g.dtype == dt
-        np.testing.assert_allclose(g, w, **tol(dt))
+def test_array_functions(dt, rng):
+    h = randn(rng, (2, 3), dt)
+    d = ck.asarray(h)
+    assert ck.is_array(d) and not ck.is_array(h) and d.dtype == dt
+    assert ck.asarray(d) is d and ck.asarray(d, dt) is d             # no copy for a native array
+    d32 = ck.asarray(d, np.float32 if dt == np.float64 else np.float64)
+    np.testing.assert_allclose(ck.to_host(d32), h, rtol=1e-6)
+    np.testing.assert_array_equal(ck.to_host(ck.asarray([[1, 2]], dt)), np.array([[1, 2]], dt))
+    assert isinstance(ck.to_host(d), np.ndarray) and ck.to_host(h) is h
+    np.testing.assert_array_equal(ck.to_host(d), h)
+    z = ck.zeros((2, 3), dt)
+    assert ck.is_array(z) and z.dtype == dt and z.shape == (2, 3)
+    np.testing.assert_array_equal(ck.to_host(z), ref.zeros((2, 3), dt))
+    assert ck.zeros(4, dt).shape == (4,)
+    c = ck.copy(d)
+    assert ck.is_array(c) and c is not d
+    ck.scale_(c, 2.0)
+    np.testing.assert_array_equal(ck.to_host(d), h)                   # the copy is a new array
+    hc = ck.copy(h)
+    assert isinstance(hc, np.ndarray) and hc is not h
+    np.testing.assert_array_equal(hc, h)
+    assert ck.copy_into(z, h) is z                                     # host -> device
+    np.testing.assert_array_equal(ck.to_host(z), h)
+    ck.copy_into(z, c)                                                 # device -> device
+    np.testing.assert_array_equal(ck.to_host(z), 2 * h)
+    ck.copy_into(z, h.astype(np.float64 if dt == np.float32 else np.float32))   # cast to dst's dtype
+    np.testing.assert_allclose(ck.to_host(z), h, rtol=1e-6)
+    host = np.zeros((2, 3), dt)
+    assert ck.copy_into(host, c) is host                               # device -> host
+    np.testing.assert_array_equal(host, 2 * h)
 
 
+# ---------------------------------------------------------------------------------------------------
+# every compute function of the API against its NumPy twin, with NumPy and with device arrays
+
+COEF_ARGS = {"q_sample": (2, 3), "sampler_update": (3, 4, 5)}   # host float64 in the API on every backend
+IN_PLACE = {"add_": (0,), "axpy_": (0,), "scale_": (0,), "add_channel_bias_": (0,), "adam_update": (0, 2, 3),
+            "ema_update": (0,)}
+
+
+def api_cases(rng, dt):
+    """name -> arguments of one call (tiny shapes), for every compute function of the backend API."""
+    def r(*shape):
+        return randn(rng, shape, dt)
+    x4, gamma, beta = r(2, 4, 3, 3) * 2 + 1, r(4), r(4)
+    _, mean, rstd = ref.group_norm_silu_forward(x4, gamma, beta, 2, 1e-5, True)
+    w = r(3, 4, 3, 3)
+    cx = r(2, 4, 5, 6)
+    return {
+        "q_sample": (r(3, 7), r(3, 7), rng.uniform(0.1, 1, 3), rng.uniform(0.1, 1, 3)),
+        "sampler_update": (r(3, 7), r(3, 7), r(3, 7), rng.standard_normal((3, 5)),
+                           np.array([-1.0, -np.inf, -0.5]), np.array([1.0, np.inf, 0.2])),
+        "conv2d_forward": (cx, w, r(3), 1, 1),
+        "conv2d_backward_input": (r(2, 3, 5, 6), w, cx.shape, 1, 1),
+        "conv2d_backward_weight": (r(2, 3, 5, 6), cx, w.shape, 1, 1),
+        "group_norm_silu_forward": (x4, gamma, beta, 2, 1e-5, True),
+        "group_norm_silu_backward": (r(2, 4, 3, 3), x4, gamma, beta, mean, rstd, 2, True),
+        "linear_forward": (r(3, 5), r(4, 5), r(4)),
+        "linear_backward": (r(3, 4), r(3, 5), r(4, 5)),
+        "silu_forward": (r(2, 3, 4) * 4,),
+        "silu_backward": (r(2, 3, 4), r(2, 3, 4) * 4),
+        "add_": (r(2, 3), r(2, 3)),
+        "axpy_": (r(5), r(5), 0.3),
+        "scale_": (r(2, 2, 3), -1.7),
+        "add_channel_bias_": (r(2, 3, 2, 2), r(2, 3)),
+        "sum_hw": (r(2, 3, 2, 3),),
+        "sumsq": (r(4, 5),),
+        "mse_loss": (r(2, 1, 3, 3), r(2, 1, 3, 3)),
+        "upsample_nearest2x_forward": (r(2, 3, 2, 3),),
+        "upsample_nearest2x_backward": (r(2, 3, 4, 6),),
+        "concat_channels": ([r(2, 3, 2, 3), r(2, 4, 2, 3), r(2, 1, 2, 3)],),
+        "split_channels": (r(2, 8, 2, 3), (3, 4, 1)),
+        "adam_update": (r(3, 4), r(3, 4), r(3, 4) * 0.1, np.abs(r(3, 4)) * 0.1, 1e-2, 0.9, 0.999, 1e-8, 0.1, 2),
+        "ema_update": (r(7), r(7), 0.9),
+    }
+
+
+COMPUTE = [n for n in BACKEND_API if n not in ("is_array", "asarray", "to_host", "zeros", "copy", "copy_into")]
+
+
+def test_the_cases_cover_every_compute_function():
+    assert sorted(api_cases(np.random.default_rng(0), np.float32)) == sorted(COMPUTE)
+
+
+def _to_device(name, args):
+    out = []
+    for i, a in enumerate(args):
+        if isinstance(a, np.ndarray) and i not in COEF_ARGS.get(name, ()):
+            a = ck.asarray(a)
+        elif isinstance(a, list):
+            a = [ck.asarray(v) for v in a]
+        out.append(a)
+    return out
+
+
+def _results(name, args, ret):
+    """What a call produced: its return value, and its in-place arguments."""
+    if name in IN_PLACE:
+        return [ck.to_host(args[i]) for i in IN_PLACE[name]]
+    return list(ret) if isinstance(ret, tuple) else [ret]
+
+
+def _assert_close(name, got, want, dt):
+    kw = tol(dt)
+    if name == "adam_update" and dt == np.float32:   # float32 arithmetic against the twin's float64
+        kw = dict(rtol=2e-5, atol=1e-6)
+    for g, w in zip(got, want, strict=True):
+        if isinstance(w, float):
+            assert isinstance(g, float), name
+            np.testing.assert_allclose(g, w, rtol=1e-6 if dt == np.float32 else 1e-12, err_msg=name)
+        else:
+            assert g.dtype == dt and g.shape == w.shape, name
+            np.testing.assert_allclose(g, w, **kw, err_msg=name)
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["numpy", "device"])
 @pytest.mark.parametrize("dt", DTYPES)
-def test_device_noise_and_fused_random_update(dt):
-    z = ck.randn((2, 200), dt, rng=np.random.default_rng(0)).copy_to_host()
-    assert z.dtype == dt and abs(z.mean()) < 0.2 and abs(z.std() - 1) < 0.15
-    z2 = ck.randn((2, 200), dt, rng=np.random.default_rng(0)).copy_to_host()
-    np.testing.assert_array_equal(z, z2)  # same seed, same draws
-    # E = 1, C = D = 0: x_prev is exactly the device noise
-    x = np.zeros((2, 20), dt)
-    coef = np.tile([0.0, 0.0, 0.0, 0.0, 1.0], (2, 1))
-    xp, _ = ck.sampler_update_random(x, x, ck.DeviceRandom(1), coef, np.full(2, -1.0), np.full(2, 1.0))
-    assert xp.std() > 0.5 and len(np.unique(xp)) == xp.size
+@pytest.mark.parametrize("name", COMPUTE)
+def test_api_function_agrees_with_twin(name, dt, on_device, rng):
+    args = api_cases(rng, dt)[name]
+    want = _results(name, twin := copy_mod.deepcopy(args), getattr(ref, name)(*twin))
+    call = _to_device(name, args) if on_device else copy_mod.deepcopy(args)
+    ret = getattr(ck, name)(*call)
+    if name.endswith("_"):
+        assert ret is call[0]                              # in place, returns its first argument
+    outs = [ret] if not isinstance(ret, tuple) else list(ret)
+    for o in outs:
+        if o is not None and not isinstance(o, float):
+            assert ck.is_array(o) == on_device, f"{name} returned {type(o).__name__}"
+    got = [ck.to_host(g) if not isinstance(g, float) else g for g in _results(name, call, ret)]
+    _assert_close(name, got, want, dt)
 
 
 CONV_CASES = [(4, 3, 1, 1), (5, 3, 2, 1), (3, 1, 1, 0), (2, 5, 1, 2), (3, 2, 3, 0)]
@@ -150,7 +294,7 @@ CONV_CASES = [(4, 3, 1, 1), (5, 3, 2, 1), (3, 1, 1, 0), (2, 5, 1, 2), (3, 2, 3, 
 @pytest.mark.parametrize("block_reductions", [False, True])
 def test_conv2d_forward_and_backward(dt, F, K, stride, pad, block_reductions, rng, monkeypatch):
     # covers the tiled kernel (K <= 3, stride <= 2), the direct one, and both weight-gradient kernels
-    monkeypatch.setattr(ck, "USE_BLOCK_REDUCTIONS", block_reductions)
+    monkeypatch.setattr(rt, "USE_BLOCK_REDUCTIONS", block_reductions)
     x = randn(rng, (2, 3, 5, 6), dt)
     w, b = randn(rng, (F, 3, K, K), dt), randn(rng, (F,), dt)
     out = ck.conv2d_forward(x, w, b, stride, pad)
@@ -178,7 +322,7 @@ def test_conv2d_tiled_multi_tile_and_channel_chunks(rng):
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("block_reductions", [False, True])
 def test_group_norm_silu(dt, silu, block_reductions, rng, monkeypatch):
-    monkeypatch.setattr(ck, "USE_BLOCK_REDUCTIONS", block_reductions)
+    monkeypatch.setattr(rt, "USE_BLOCK_REDUCTIONS", block_reductions)
     x = randn(rng, (2, 4, 3, 3), dt) * 3 + 1
     g, be = randn(rng, (4,), dt), randn(rng, (4,), dt)
     got = ck.group_norm_silu_forward(x, g, be, 2, 1e-5, silu)
@@ -192,121 +336,111 @@ def test_group_norm_silu(dt, silu, block_reductions, rng, monkeypatch):
         np.testing.assert_allclose(a, r, **tol(dt))
 
 
-@pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_adam_update(dt, wd, rng):
-    shape = (3, 4)
-    p, g = randn(rng, shape, dt), randn(rng, shape, dt)
-    m, v = randn(rng, shape, dt) * 0.1, np.abs(randn(rng, shape, dt)) * 0.1
-    host = [a.copy() for a in (p, g, m, v)]
-    twin = [a.copy() for a in (p, g, m, v)]
-    for step in (1, 2):
-        ck.adam_update(*host, 1e-2, 0.9, 0.999, 1e-8, wd, step)
-        ref.adam_update(*twin, 1e-2, 0.9, 0.999, 1e-8, wd, step)
-    for a, r in zip(host, twin):
-        np.testing.assert_allclose(a, r, rtol=2e-5 if dt == np.float32 else 1e-12, atol=1e-6 if dt == np.float32 else 0)
-    # device arrays are updated in place on the device
-    d = [ck.to_device(a) for a in (p, g, m, v)]
-    ck.adam_update(*d, 1e-2, 0.9, 0.999, 1e-8, wd, 1)
-    t2 = [a.copy() for a in (p, g, m, v)]
-    ref.adam_update(*t2, 1e-2, 0.9, 0.999, 1e-8, wd, 1)
-    np.testing.assert_allclose(d[0].copy_to_host(), t2[0], **tol(dt))
-
-
-@pytest.mark.parametrize("dt", DTYPES)
-def test_extras_upsample_linear_mse_ema(dt, rng):
-    x = randn(rng, (2, 3, 2, 3), dt)
-    np.testing.assert_array_equal(ck.upsample_nearest2x_forward(x), ref.upsample_nearest2x_forward(x))
-    d = randn(rng, (2, 3, 4, 6), dt)
-    np.testing.assert_allclose(ck.upsample_nearest2x_backward(d), ref.upsample_nearest2x_backward(d), **tol(dt))
-    y = randn(rng, (2, 4, 2, 3), dt)
-    cat = ck.concat_channels([x, y])
-    np.testing.assert_array_equal(cat, ref.concat_channels([x, y]))
-    for a, r in zip(ck.split_channels(cat, (3, 4)), ref.split_channels(cat, (3, 4))):
-        np.testing.assert_array_equal(a, r)
-    xs, w, b = randn(rng, (3, 5), dt), randn(rng, (4, 5), dt), randn(rng, (4,), dt)
-    np.testing.assert_allclose(ck.linear_forward(xs, w, b), ref.linear_forward(xs, w, b), **tol(dt))
-    do = randn(rng, (3, 4), dt)
-    for a, r in zip(ck.linear_backward(do, xs, w), ref.linear_backward(do, xs, w)):
-        np.testing.assert_allclose(a, r, **tol(dt))
-    pred, target = randn(rng, (2, 1, 3, 3), dt), randn(rng, (2, 1, 3, 3), dt)
-    loss, dp = ck.mse_loss(pred, target)
-    rl, rdp = ref.mse_loss(pred, target)
-    assert isinstance(loss, float) and np.isclose(loss, rl, rtol=1e-6 if dt == np.float32 else 1e-12)
-    np.testing.assert_allclose(dp, rdp, **tol(dt))
-    e, p = randn(rng, (7,), dt), randn(rng, (7,), dt)
-    e2 = e.copy()
-    ck.ema_update(e, p, 0.9)
-    ref.ema_update(e2, p, 0.9)
-    np.testing.assert_allclose(e, e2, **tol(dt))
-
-
-def test_device_arrays_stay_on_the_device(rng):
-    x = randn(rng, (1, 2, 4, 4), np.float32)
-    w, b = randn(rng, (2, 2, 3, 3), np.float32), np.zeros(2, np.float32)
-    dx = ck.to_device(x)
-    out = ck.conv2d_forward(dx, w, b, 1, 1)
-    assert ck.is_device_array(out) and not ck.is_device_array(ck.conv2d_forward(x, w, b, 1, 1))
-    y, mean, rstd = ck.group_norm_silu_forward(out, np.ones(2, np.float32), np.zeros(2, np.float32), 1, 1e-5, True)
-    assert all(ck.is_device_array(a) for a in (y, mean, rstd))
-    np.testing.assert_allclose(ck.to_host(out), ref.conv2d_forward(x, w, b, 1, 1), **tol(np.float32))
-
-
-def test_device_helper_kernels(rng):
-    k = ck._k(np.float32)
-    h, t = randn(rng, (2, 3, 2, 2), np.float32), randn(rng, (2, 3), np.float32)
-    dh = ck.to_device(h)
-    k.add_bias_k[1, 32](dh, ck.to_device(t))
-    np.testing.assert_allclose(dh.copy_to_host(), h + t[:, :, None, None], rtol=1e-6)
-    s = ck.to_device(np.zeros((2, 3), np.float32))
-    k.sum_hw_k[1, 32](ck.to_device(h), s)
-    np.testing.assert_allclose(s.copy_to_host(), h.sum(axis=(2, 3)), rtol=1e-5)
-    a, b2 = randn(rng, (2, 1, 2, 2), np.float32), randn(rng, (2, 2, 2, 2), np.float32)
-    cat = ck.cuda.device_array((2, 3, 2, 2), np.float32)
-    k.concat_k[1, 32](ck.to_device(a), ck.to_device(b2), cat)
-    np.testing.assert_array_equal(cat.copy_to_host(), np.concatenate([a, b2], axis=1))
-    v = randn(rng, (5,), np.float32)
-    np.testing.assert_allclose(ck._silu(ck.to_device(v)).copy_to_host(), v * ref._sigmoid(v), rtol=1e-6)
+def test_in_place_functions_update_numpy_arguments_that_are_not_contiguous(rng):
+    a = randn(rng, (4, 6), np.float32)
+    view, b = a[:, ::2], randn(rng, (4, 3), np.float32)
+    want = view + b
+    ck.add_(view, b)
+    np.testing.assert_allclose(a[:, ::2], want, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
-# no float64 in float32 kernels (numba.cuda.compile_ptx, no GPU needed; in a subprocess without the simulator)
+# the kernel registry: every kernel comes from a registered builder, and is launched as registered
+
+
+def test_kernels_are_made_only_by_registered_builders():
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "jit":
+                where = f"{path.name}:{node.lineno}"
+                # cuda.jit appears in two places only: the registry's getter, and device functions
+                assert path.name in ("_runtime.py", "_device.py"), f"cuda.jit outside the registry at {where}"
+        for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("build_")):
+            decos = [d for d in fn.decorator_list if isinstance(d, ast.Call) and getattr(d.func, "id", "") == "kernel"]
+            assert decos, f"{path.name}: {fn.name} is not registered with @kernel(argtypes)"
+    dev = ast.parse((PACKAGE / "_device.py").read_text())
+    for fn in (n for n in dev.body if isinstance(n, ast.FunctionDef)):
+        assert any("device=True" in ast.unparse(d) for d in fn.decorator_list), fn.name
+    assert len(rt.KERNELS) == len({s.build for s in rt.KERNELS.values()})
+
+
+def _launch_everything(rng):
+    """Call every function of the backend, through every branch that picks a different kernel."""
+    for dt in DTYPES:
+        for name, args in api_cases(rng, dt).items():
+            getattr(ck, name)(*args)
+        ck.zeros((2, 3), dt)
+        x, w5, b = randn(rng, (1, 2, 6, 6), dt), randn(rng, (2, 2, 5, 5), dt), randn(rng, (2,), dt)
+        ck.conv2d_forward(x, w5, b, 1, 0)                                   # the direct forward kernel
+        d = randn(rng, (1, 2, 2, 2), dt)
+        for block in (False, True):
+            rt.USE_BLOCK_REDUCTIONS = block
+            ck.conv2d_backward_weight(d, x, w5.shape, 1, 0)                 # direct dw, both db kernels
+            ck.conv2d_backward_weight(*api_cases(rng, dt)["conv2d_backward_weight"])
+            ck.group_norm_silu_backward(*api_cases(rng, dt)["group_norm_silu_backward"])
+
+
+def test_every_launch_is_a_registered_kernel_with_its_registered_argument_types(rng, monkeypatch):
+    log = []
+    monkeypatch.setattr(rt, "LAUNCH_LOG", log)
+    monkeypatch.setattr(rt, "USE_BLOCK_REDUCTIONS", rt.USE_BLOCK_REDUCTIONS)   # restored afterwards
+    _launch_everything(rng)
+    for name, dt, types in log:
+        assert name in rt.KERNELS
+        want = tuple(rt.KERNELS[name].argtypes(rt.kernel_types(dt)))
+        assert types == want, f"{name} ({dt}) launched with {types}, registered {want}"
+    launched = {(name, dt) for name, dt, _ in log}
+    assert launched == {(n, np.dtype(dt)) for n in rt.KERNELS for dt in DTYPES}, "a registered kernel is dead"
+
+
+# ---------------------------------------------------------------------------------------------------
+# every kernel compiles for real hardware (numba.cuda.compile_ptx: NVVM from the wheels, no GPU needed),
+# in a subprocess without the simulator; float32 builds have no float64 instructions
 
 _PTX_SCRIPT = textwrap.dedent("""
-    import types, numpy as np
+    import sys, time, types
+    import numpy as np
     import numba.cuda.dispatcher as D
-    # device functions are typed for the current device; there is none here: pretend sm_75
-    D.get_current_device = lambda: types.SimpleNamespace(compute_capability=(7, 5))
-    from numba import cuda, int64 as i8, boolean
-    import difnumpy.kernels.cuda as ck
-    for dt, nt in ((np.float32, __import__("numba").float32), (np.float64, __import__("numba").float64)):
-        ks = ck._k(dt)
-        a1, a2, a3, a4 = nt[::1], nt[:, ::1], nt[:, :, ::1], nt[:, :, :, ::1]
-        sigs = {"sampler_k": (a2, a2, a2, a2, a1, a1, a2, a2), "q_sample_k": (a2, a2, a1, a1, a2),
-                "conv_fwd_tiled_k": (a4, a4, a1, i8, i8, i8, a4), "conv_bwd_input_k": (a4, a4, i8, i8, a4),
-                "conv_bwd_weight_k": (a4, a4, i8, i8, a4, a1), "gn_fwd_k": (a4, a1, a1, i8, nt, boolean, a4, a2, a2),
-                "gn_bwd_dx_k": (a4, a4, a1, a1, a2, a2, i8, boolean, a3, a4), "adam_k": (a1,) * 4 + (nt,) * 8,
-                "mse_k": (a1, a1, nt, a1, a1), "ema_k": (a1, a1, nt, nt), "silu_k": (a1, a1),
-                "axpy_k": (a1, a1, nt)}
-        for name, sig in sigs.items():
-            ptx, _ = cuda.compile_ptx(getattr(ks, name).py_func, sig, cc=(7, 5))
-            print(np.dtype(dt).name, name, ptx.count(".f64"))
+    from numba import cuda
+    import difnumpy.kernels.cuda  # noqa: F401 (registers every kernel)
+    from difnumpy.kernels.cuda import _runtime as rt
+    cc = tuple(int(v) for v in sys.argv[1].split("."))
+    # device functions are compiled for "the current device"; there is none here: pretend it is cc
+    D.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
+    for name, spec in sorted(rt.KERNELS.items()):
+        for dt in (np.float32, np.float64):
+            t0 = time.perf_counter()
+            ptx, _ = cuda.compile_ptx(spec.build(np.dtype(dt)), spec.argtypes(rt.kernel_types(dt)), cc=cc)
+            target = [ln.split()[1] for ln in ptx.splitlines() if ln.startswith(".target")][0]
+            print(target, np.dtype(dt).name, name, ptx.count(".f64"), f"{time.perf_counter() - t0:.2f}", flush=True)
 """)
+PTX_TARGETS = {"8.0": "sm_80", "9.0": "sm_90"}
 
 
-def test_float32_kernels_compile_without_f64_instructions():
+def test_every_kernel_compiles_for_sm80_and_sm90_and_float32_has_no_f64():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["DIFNUMPY_CUDA_COMPILE_ONLY"] = "1"
-    r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    if r.returncode != 0:
-        pytest.skip(f"numba.cuda.compile_ptx is not usable here (needs NVVM and NVRTC): "
-                    f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-    counts = {tuple(line.split()[:2]): int(line.split()[2]) for line in r.stdout.splitlines()}
-    f32 = {k[1]: v for k, v in counts.items() if k[0] == "float32"}
-    assert len(f32) == 12
-    assert all(v == 0 for v in f32.values()), f"float64 instructions in float32 kernels: {f32}"
-    # the check can fail: the float64 builds do show .f64
-    assert counts[("float64", "sampler_k")] > 0
+    t0 = time.perf_counter()
+    procs = {cc: subprocess.Popen([sys.executable, "-c", _PTX_SCRIPT, cc], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for cc in PTX_TARGETS}
+    outs = {cc: p.communicate(timeout=600) for cc, p in procs.items()}
+    for cc, p in procs.items():
+        if p.returncode != 0:
+            err = outs[cc][1].strip()
+            if "NVVM" in err or "nvvm" in err or "NVRTC" in err or "libdevice" in err:
+                pytest.skip(f"numba.cuda.compile_ptx is not usable here (needs NVVM and NVRTC): {err.splitlines()[-1]}")
+            raise AssertionError(f"compile_ptx for cc {cc} failed:\n{err[-3000:]}")
+    rows = [line.split() for cc in PTX_TARGETS for line in outs[cc][0].splitlines()]
+    print(f"compiled {len(rows)} PTX builds in {time.perf_counter() - t0:.1f} s")
+    built = {(target, dt, name): int(f64) for target, dt, name, f64, _ in rows}
+    want = {(t, dt, name) for t in PTX_TARGETS.values() for dt in ("float32", "float64") for name in rt.KERNELS}
+    assert set(built) == want
+    f32 = {k: v for k, v in built.items() if k[1] == "float32" and v}
+    assert not f32, f"float64 instructions in float32 kernels: {f32}"
+    # the check can fail: every float64 build shows .f64 (loads, stores, arithmetic)
+    f64 = [k for k, v in built.items() if k[1] == "float64" and v == 0]
+    assert not f64, f"float64 builds without .f64: {f64}"
 
 
 # ---------------------------------------------------------------------------------------------------
