@@ -6,6 +6,9 @@ import numbers
 
 import numpy as np
 
+#: The network's output parameterisations: eps (Ho et al. 2020), x0, or v (Salimans & Ho 2022, Sec. 4).
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
 
 def check_rng_noise(rng, noise, noise_name: str = "noise") -> None:
     """Both an explicit array and a Generator given at once is ambiguous: refuse it."""

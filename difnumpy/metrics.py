@@ -28,6 +28,8 @@ import warnings
 import numpy as np
 from scipy import linalg
 
+from difnumpy._validation import PREDICTION_TYPES, check_choice
+
 __all__ = [
     "CLASSIFIER_PARAMS",
     "get_digit_classifier",
@@ -456,9 +458,7 @@ def bits_per_dim(model, schedule, x0: np.ndarray, rng: np.random.Generator, *,
         raise ValueError("x0 contains NaN or inf")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    if prediction_type not in ("epsilon", "sample", "v_prediction"):
-        raise ValueError(f"prediction_type must be one of ('epsilon', 'sample', 'v_prediction'), "
-                         f"got {prediction_type!r}")
+    check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
     if variance_type not in (None, "fixed_small", "fixed_large", "learned_range"):
         raise ValueError(f"variance_type must be None, 'fixed_small', 'fixed_large' or 'learned_range', "
                          f"got {variance_type!r}")

@@ -9,6 +9,12 @@ output at timestep ``t`` into ``x_{prev_t}``. Both reduce to the same fused elem
 
 with per-sample coefficients derived here from the schedule. ``model`` is any callable
 ``model(x_t, t_batch) -> output`` (a :class:`difnumpy.UNet`, or an analytic oracle in the tests).
+
+One loop for every backend: ``backend=`` picks the kernels of the fused update, and ``x_t`` stays in
+that backend's native arrays from the first step to the last (device arrays on "cuda"). A model that
+runs on the same backend (a :class:`~difnumpy.UNet` with that ``backend``) is called with native
+arrays; any other callable is called with NumPy arrays. Noise is drawn on the host from the ``rng``
+on every backend, so the same seed gives the same samples on every backend (to float rounding).
 """
 from __future__ import annotations
 
@@ -17,12 +23,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from difnumpy._validation import as_generator, check_choice, check_float_array, check_rng_noise, check_timesteps
+from difnumpy._validation import (PREDICTION_TYPES, as_generator, check_choice, check_float_array,
+                                  check_rng_noise, check_timesteps)
 from difnumpy.diffusion import _check_schedule
-from difnumpy.kernels import get_backend
+from difnumpy.kernels import BACKENDS, get_backend
 from difnumpy.schedules import Schedule
-
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 SPACINGS = ("leading", "trailing", "linspace")
 METHODS = ("ddpm", "ddim")
@@ -116,6 +121,7 @@ def _clip_bounds(x_t, model_output, A, B, *, clip_sample, clip_range, thresholdi
             raise ValueError(f"dynamic_thresholding_ratio must lie in (0, 1], got {dynamic_thresholding_ratio}")
         if not sample_max_value >= 1.0:
             raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value}")
+        x_t, model_output = _host(x_t), _host(model_output)  # the percentile is taken on the host
         x0 = (A.reshape((n,) + (1,) * (x_t.ndim - 1)) * x_t.astype(np.float64)
               + B.reshape((n,) + (1,) * (x_t.ndim - 1)) * model_output.astype(np.float64))
         s = np.quantile(np.abs(x0.reshape(n, -1)), dynamic_thresholding_ratio, axis=1)
@@ -128,21 +134,44 @@ def _clip_bounds(x_t, model_output, A, B, *, clip_sample, clip_range, thresholdi
     return A, B, np.full(n, -np.inf), np.full(n, np.inf)
 
 
-def _check_step_inputs(schedule, model_output, x_t, t, noise, rng, prediction_type, out_channels_factor=1):
+def _host(a) -> np.ndarray:
+    """``a`` as a NumPy array (device arrays of the cuda backend are copied down)."""
+    if isinstance(a, np.ndarray):
+        return a
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def _check_state(x, name: str, backend: str):
+    """A NumPy float array (checked for NaN/inf), or a native float array of ``backend`` (shape and dtype
+    only: scanning a device array for NaN would copy it down every step)."""
+    if isinstance(x, np.ndarray):
+        return check_float_array(x, name)
+    if not get_backend(backend).is_array(x):
+        raise TypeError(f"{name} must be a numpy ndarray or a native array of backend {backend!r}, "
+                        f"got {type(x).__name__}")
+    if np.dtype(x.dtype) not in (np.float32, np.float64):
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    return x
+
+
+def _check_step_inputs(schedule, model_output, x_t, t, noise, rng, prediction_type, out_channels_factor=1,
+                       backend="cpu"):
     _check_schedule(schedule)
-    check_float_array(x_t, "x_t")
-    check_float_array(model_output, "model_output")
+    check_choice(backend, "backend", BACKENDS)
+    _check_state(x_t, "x_t", backend)
+    _check_state(model_output, "model_output", backend)
     check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
     check_rng_noise(rng, noise)
-    expect = (x_t.shape[0], x_t.shape[1] * out_channels_factor) + x_t.shape[2:] if x_t.ndim > 1 else x_t.shape
-    if model_output.shape != expect:
-        raise ValueError(f"model_output must have shape {expect} for x_t of shape {x_t.shape}, "
-                         f"got {model_output.shape}")
+    shape = tuple(int(s) for s in x_t.shape)
+    expect = (shape[0], shape[1] * out_channels_factor) + shape[2:] if len(shape) > 1 else shape
+    if tuple(model_output.shape) != expect:
+        raise ValueError(f"model_output must have shape {expect} for x_t of shape {shape}, "
+                         f"got {tuple(model_output.shape)}")
     if noise is not None:
-        check_float_array(noise, "noise")
-        if noise.shape != x_t.shape:
-            raise ValueError(f"noise must have the shape of x_t {x_t.shape}, got {noise.shape}")
-    return check_timesteps(t, schedule.num_timesteps, x_t.shape[0], "t")
+        _check_state(noise, "noise", backend)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have the shape of x_t {shape}, got {tuple(noise.shape)}")
+    return check_timesteps(t, schedule.num_timesteps, shape[0], "t")
 
 
 def _prev_timesteps(t_arr, prev_t, schedule, n):
@@ -224,23 +253,27 @@ def ddim_coefficients(schedule: Schedule, tt: np.ndarray, pt: np.ndarray, eta: f
 
 
 def _fused_update(x_t, model_output, noise, A, B, C, D, E, lo, hi, backend):
-    n = x_t.shape[0]
-    dt = x_t.dtype
+    kern = get_backend(backend)
+    shape = tuple(int(s) for s in x_t.shape)
+    n, m = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    dt = np.dtype(x_t.dtype)
+    # NumPy in -> NumPy out on every backend; native (device) arrays in -> native out
+    arr = (lambda a: np.ascontiguousarray(a, dtype=dt)) if isinstance(x_t, np.ndarray) else \
+        (lambda a: kern.asarray(a, dt))
     if noise is None:
         # E is zero wherever noise is absent; any finite array of the right shape will do and
         # x_t avoids allocating one (0 * x_t == 0 exactly).
         noise = x_t
     coef = np.stack([A, B, C, D, E], axis=1).astype(np.float64)
-    x_prev, x0 = get_backend(backend).sampler_update(
-        np.ascontiguousarray(x_t).reshape(n, -1), np.ascontiguousarray(model_output, dtype=dt).reshape(n, -1),
-        np.ascontiguousarray(noise, dtype=dt).reshape(n, -1), coef, lo, hi)
-    return x_prev.reshape(x_t.shape), x0.reshape(x_t.shape)
+    x_prev, x0 = kern.sampler_update(arr(x_t).reshape(n, m), arr(model_output).reshape(n, m),
+                                     arr(noise).reshape(n, m), coef, lo, hi)
+    return x_prev.reshape(shape), x0.reshape(shape)
 
 
 def _draw_noise(noise, rng, x_t, needed: bool):
     if noise is not None or not needed:
         return noise
-    return as_generator(rng).standard_normal(x_t.shape, dtype=x_t.dtype)
+    return as_generator(rng).standard_normal(tuple(int(s) for s in x_t.shape), dtype=np.dtype(x_t.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,15 +323,17 @@ def ddpm_step(schedule: Schedule, model_output: np.ndarray, t, x_t: np.ndarray, 
     """
     check_choice(variance_type, "variance_type", VARIANCE_TYPES)
     factor = 2 if variance_type == "learned_range" else 1
-    if factor == 2 and x_t.ndim < 2:
+    if factor == 2 and len(x_t.shape) < 2:
         raise ValueError("variance_type='learned_range' needs x_t with a channel axis (N, C, ...)")
-    tt = _check_step_inputs(schedule, model_output, x_t, t, noise, rng, prediction_type, factor)
-    n = x_t.shape[0]
+    tt = _check_step_inputs(schedule, model_output, x_t, t, noise, rng, prediction_type, factor, backend)
+    n = int(x_t.shape[0])
     pt = _prev_timesteps(tt, prev_t, schedule, n)
     var_out = None
     if factor == 2:
-        c = x_t.shape[1]
-        model_output, var_out = model_output[:, :c], model_output[:, c:]
+        # the per-element variance is computed on the host (one copy down per step on "cuda")
+        c = int(x_t.shape[1])
+        model_output = _host(model_output)
+        model_output, var_out = np.ascontiguousarray(model_output[:, :c]), model_output[:, c:]
 
     final = pt < 0
     A, B, coef1, coef2, post_var, beta = ddpm_coefficients(schedule, tt, pt, prediction_type)
@@ -311,11 +346,11 @@ def ddpm_step(schedule: Schedule, model_output: np.ndarray, t, x_t: np.ndarray, 
         # (log beta~ is clipped at the final step, where it is 0 and no noise is added anyway)
         min_log = np.log(np.where(post_var > 0, post_var, schedule.posterior_variance[min(1, schedule.num_timesteps - 1)]))
         max_log = np.log(beta)
-        shape = (n,) + (1,) * (x_t.ndim - 1)
+        shape = (n,) + (1,) * (len(x_t.shape) - 1)
         frac = (var_out.astype(np.float64) + 1.0) / 2.0
         log_var = frac * max_log.reshape(shape) + (1.0 - frac) * min_log.reshape(shape)
         if noise is not None:
-            noise = (np.exp(0.5 * log_var) * noise).astype(x_t.dtype)
+            noise = (np.exp(0.5 * log_var) * _host(noise)).astype(x_t.dtype)
         E = np.where(final, 0.0, 1.0)
     else:
         var = post_var if variance_type == "fixed_small" else beta
@@ -359,7 +394,7 @@ def ddim_step(schedule: Schedule, model_output: np.ndarray, t, prev_t, x_t: np.n
     eps is re-derived from the (clipped) x0_pred, ``eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``,
     as improved-diffusion does; without clipping it equals the model's eps.
     """
-    tt = _check_step_inputs(schedule, model_output, x_t, t, noise, rng, prediction_type)
+    tt = _check_step_inputs(schedule, model_output, x_t, t, noise, rng, prediction_type, backend=backend)
     n = x_t.shape[0]
     if prev_t is None:
         raise ValueError("prev_t is required for ddim_step (-1 for the final step)")
@@ -385,11 +420,82 @@ _STEP_OPTIONS = {
 }
 
 
+def _resolve_backend(model, backend):
+    """``backend``, or by default the model's own backend (a UNet's), else "cpu"."""
+    if backend is None:
+        backend = getattr(model, "backend", None)
+        return backend if backend in BACKENDS else "cpu"
+    return check_choice(backend, "backend", BACKENDS)
+
+
+def _reverse_process(model, schedule, shape, *, method, num_steps, eta, spacing, steps_offset, x_T, rng,
+                     progress, dtype, backend, step_kw):
+    """The one sampling loop: validates everything, then yields ``(t, prev_t, x_prev, x0_pred)`` with
+    the arrays native to ``backend`` (they stay on the device on "cuda")."""
+    check_choice(method, "method", METHODS)
+    _check_schedule(schedule)
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+    unknown = set(step_kw) - _STEP_OPTIONS[method]
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) for method={method!r}: {sorted(unknown)}")
+    if not (isinstance(eta, (numbers.Real, np.floating)) and not isinstance(eta, bool) and np.isfinite(eta)
+            and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if method == "ddpm" and eta != 0.0:
+        raise ValueError("eta applies to method='ddim' only")
+    kern = get_backend(backend)
+    T = schedule.num_timesteps
+    if num_steps is None:
+        num_steps = T if method == "ddpm" else min(50, T)
+    timesteps = inference_timesteps(T, num_steps, spacing, steps_offset)
+    stochastic = method == "ddpm" or eta > 0
+    if stochastic:
+        check_rng_noise(rng, None)  # with x_T given, rng still draws every step's noise
+    else:
+        check_rng_noise(rng, x_T, "x_T")  # deterministic: rng would be ignored, so both is ambiguous
+    if x_T is None:
+        try:
+            shape = tuple(int(s) for s in shape)
+        except TypeError:
+            raise TypeError(f"shape must be a tuple of ints, got {shape!r}") from None
+        if len(shape) < 1 or any(s < 1 for s in shape):
+            raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape}")
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        rng = as_generator(rng)
+        x = kern.asarray(rng.standard_normal(shape, dtype=dtype))
+    else:
+        _check_state(x_T, "x_T", backend)
+        if shape is not None and tuple(shape) != tuple(x_T.shape):
+            raise ValueError(f"shape {tuple(shape)} does not match x_T.shape {tuple(x_T.shape)}")
+        x = kern.copy(kern.asarray(x_T))
+        rng = as_generator(rng)
+    # a model on this backend takes native arrays; any other callable takes NumPy arrays
+    native_model = getattr(model, "backend", None) == backend
+    n = int(x.shape[0])
+    it = range(len(timesteps))
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"{method} sampling", unit="step")
+    for i in it:
+        t = int(timesteps[i])
+        prev_t = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
+        t_batch = np.full(n, t, dtype=np.int64)
+        out = model(x, t_batch) if native_model else kern.asarray(model(kern.to_host(x), t_batch))
+        if method == "ddpm":
+            x, x0 = ddpm_step(schedule, out, t_batch, x, prev_t=prev_t, rng=rng, backend=backend, **step_kw)
+        else:
+            x, x0 = ddim_step(schedule, out, t_batch, prev_t, x, eta=eta, rng=rng if eta > 0 else None,
+                              backend=backend, **step_kw)
+        yield t, prev_t, x, x0
+
+
 def sample_progressive(model: Callable, schedule: Schedule, shape, *, method: str = "ddpm",
                        num_steps: int | None = None, eta: float = 0.0, spacing: str = "leading",
                        steps_offset: int = 0, x_T: np.ndarray | None = None,
                        rng: np.random.Generator | None = None, progress: bool = False,
-                       dtype=np.float32, backend: str = "cpu", **step_kw) -> Iterator[dict]:
+                       dtype=np.float32, backend: str | None = None, **step_kw) -> Iterator[dict]:
     """Run the reverse process, yielding after every step.
 
     Parameters
@@ -416,100 +522,53 @@ def sample_progressive(model: Callable, schedule: Schedule, shape, *, method: st
         Show a tqdm progress bar.
     dtype : float32 or float64
         Dtype of x_T when it is drawn here.
+    backend : {"numpy", "cpu", "cuda"} or None
+        Kernels and arrays of the loop; by default the model's ``backend`` (a UNet's), else "cpu".
+        Every option works on every backend; thresholding and ``learned_range`` copy a small per-step
+        quantity to the host on "cuda".
     **step_kw :
         Passed to the step function (prediction_type, variance_type, clip_sample, ...).
 
     Yields
     ------
     dict with ``"t"`` (int, the timestep just processed), ``"prev_t"`` (int, -1 after the last step),
-    ``"x_t"`` (the sample after the step, i.e. at ``prev_t``) and ``"x0_pred"``.
+    ``"x_t"`` (the sample after the step, i.e. at ``prev_t``) and ``"x0_pred"``, as NumPy arrays (copied
+    down from the device on "cuda").
     """
-    check_choice(method, "method", METHODS)
-    _check_schedule(schedule)
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
-    unknown = set(step_kw) - _STEP_OPTIONS[method]
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) for method={method!r}: {sorted(unknown)}")
-    if method == "ddpm" and eta != 0.0:
-        raise ValueError("eta applies to method='ddim' only")
-    T = schedule.num_timesteps
-    if num_steps is None:
-        num_steps = T if method == "ddpm" else min(50, T)
-    timesteps = inference_timesteps(T, num_steps, spacing, steps_offset)
-    stochastic = method == "ddpm" or eta > 0
-    if stochastic:
-        check_rng_noise(rng, None)  # with x_T given, rng still draws every step's noise
-    else:
-        check_rng_noise(rng, x_T, "x_T")  # deterministic: rng would be ignored, so both is ambiguous
-    if x_T is None:
-        try:
-            shape = tuple(int(s) for s in shape)
-        except TypeError:
-            raise TypeError(f"shape must be a tuple of ints, got {shape!r}") from None
-        if len(shape) < 1 or any(s < 1 for s in shape):
-            raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape}")
-        if np.dtype(dtype) not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
-        rng = as_generator(rng)
-        x = rng.standard_normal(shape, dtype=dtype)
-    else:
-        check_float_array(x_T, "x_T")
-        if shape is not None and tuple(shape) != x_T.shape:
-            raise ValueError(f"shape {tuple(shape)} does not match x_T.shape {x_T.shape}")
-        x = x_T.copy()
-        rng = as_generator(rng)
-    n = x.shape[0]
-    it = range(len(timesteps))
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"{method} sampling", unit="step")
-    for i in it:
-        t = int(timesteps[i])
-        prev_t = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
-        t_batch = np.full(n, t, dtype=np.int64)
-        out = model(x, t_batch)
-        if method == "ddpm":
-            x, x0 = ddpm_step(schedule, out, t_batch, x, prev_t=prev_t, rng=rng, backend=backend, **step_kw)
-        else:
-            x, x0 = ddim_step(schedule, out, t_batch, prev_t, x, eta=eta, rng=rng if eta > 0 else None,
-                              backend=backend, **step_kw)
-        yield {"t": t, "prev_t": prev_t, "x_t": x, "x0_pred": x0}
+    backend = _resolve_backend(model, backend)
+    kern = get_backend(backend)
+    for t, prev_t, x, x0 in _reverse_process(model, schedule, shape, method=method, num_steps=num_steps, eta=eta,
+                                             spacing=spacing, steps_offset=steps_offset, x_T=x_T, rng=rng,
+                                             progress=progress, dtype=dtype, backend=backend, step_kw=step_kw):
+        yield {"t": t, "prev_t": prev_t, "x_t": kern.to_host(x), "x0_pred": kern.to_host(x0)}
 
 
 def sample(model: Callable, schedule: Schedule, shape, *, method: str = "ddpm", num_steps: int | None = None,
-           eta: float = 0.0, spacing: str = "leading", x_T: np.ndarray | None = None,
+           eta: float = 0.0, spacing: str = "leading", steps_offset: int = 0, x_T: np.ndarray | None = None,
            rng: np.random.Generator | None = None, progress: bool = False, return_trajectory: bool = False,
-           **step_kw):
+           dtype=np.float32, backend: str | None = None, **step_kw):
     """Draw samples with DDPM or DDIM; see :func:`sample_progressive` for the arguments.
+
+    ``x_t`` stays in the backend's arrays for the whole loop (on the device with ``backend="cuda"``);
+    the samples are copied down once at the end.
 
     Returns
     -------
     x0 : ndarray, shape ``shape``
-        The final samples.
+        The final samples (a NumPy array on every backend).
     trajectory : list of dict, only with ``return_trajectory=True``
-        Every step's ``{"t", "prev_t", "x_t", "x0_pred"}``, returned as ``(x0, trajectory)``.
+        Every step's ``{"t", "prev_t", "x_t", "x0_pred"}`` (NumPy arrays), returned as ``(x0, trajectory)``.
     """
-    from difnumpy.nn.unet import UNet  # lazily: the network is not a dependency of the samplers
-
-    if (step_kw.get("backend") == "cuda" and isinstance(model, UNet) and not return_trajectory and not progress
-            and not step_kw.get("thresholding") and step_kw.get("steps_offset", 0) == 0
-            and step_kw.get("variance_type", "fixed_small") != "learned_range"):
-        # device-resident loop: x_t, parameters and activations stay on the GPU between steps
-        # (deterministic DDIM gives the CPU path's result; DDPM / eta > 0 draw their step noise on
-        # the device, so those samples differ from the CPU path's for the same rng)
-        from difnumpy.kernels import cuda as _cuda
-        kw = {k: v for k, v in step_kw.items() if k not in ("backend", "thresholding", "steps_offset",
-                                                          "dynamic_thresholding_ratio", "sample_max_value")}
-        return _cuda.sample_device(model, schedule, shape, method=method, num_steps=num_steps, eta=eta,
-                                   spacing=spacing, x_T=x_T, rng=rng, **kw)
+    backend = _resolve_backend(model, backend)
+    kern = get_backend(backend)
     traj = [] if return_trajectory else None
     x = None
-    for step in sample_progressive(model, schedule, shape, method=method, num_steps=num_steps, eta=eta,
-                                   spacing=spacing, x_T=x_T, rng=rng, progress=progress, **step_kw):
-        x = step["x_t"]
+    for t, prev_t, x, x0 in _reverse_process(model, schedule, shape, method=method, num_steps=num_steps, eta=eta,
+                                             spacing=spacing, steps_offset=steps_offset, x_T=x_T, rng=rng,
+                                             progress=progress, dtype=dtype, backend=backend, step_kw=step_kw):
         if traj is not None:
-            traj.append(step)
+            traj.append({"t": t, "prev_t": prev_t, "x_t": kern.to_host(x), "x0_pred": kern.to_host(x0)})
+    x = kern.to_host(x)
     return (x, traj) if return_trajectory else x
 
 

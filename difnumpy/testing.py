@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from difnumpy._validation import PREDICTION_TYPES, check_choice
 from difnumpy.schedules import Schedule
 
 
@@ -34,9 +35,7 @@ class GaussianOracle:
         self.schedule = schedule
         self.mu = np.asarray(mu, dtype=np.float64)
         self.s = np.asarray(s, dtype=np.float64)
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
-        self.prediction_type = prediction_type
+        self.prediction_type = check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
 
     def __call__(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         t = np.broadcast_to(np.asarray(t, dtype=np.int64), (x_t.shape[0],))

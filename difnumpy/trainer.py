@@ -8,6 +8,11 @@ network output onto the target with a mean squared error. The target is ``eps`` 
 A model is anything with the U-Net's training API (:class:`difnumpy.nn.unet.UNet`): ``.params``
 (dict of arrays), ``.forward(x, t) -> (out, cache)``, ``.backward(dout, cache) -> grads`` (dict with the
 params' keys), ``.config`` (a dict such that ``type(model)(**config)`` rebuilds it) and ``__call__``.
+
+One step, written once for every backend: the arrays (batch, noise, parameters, gradients, Adam's
+moments, the EMA) are the backend's native arrays and every operation is a call of the backend API
+(:mod:`difnumpy.kernels.api`), so on "cuda" the whole step runs on the device; ``t`` and ``eps`` are
+drawn on the host from the trainer's rng on every backend (the same draws, so the backends agree).
 """
 from __future__ import annotations
 
@@ -16,16 +21,13 @@ import numbers
 
 import numpy as np
 
-from difnumpy._validation import as_generator, check_choice
-from difnumpy.diffusion import get_velocity, q_sample
-from difnumpy.kernels import BACKENDS, get_backend
+from difnumpy._validation import PREDICTION_TYPES, as_generator, check_choice
+from difnumpy.kernels import BACKENDS, check_backend, get_backend
 from difnumpy.nn.optim import EMA, Adam, AdamW, clip_grad_norm, lr_at
 from difnumpy.schedules import Schedule
 
 __all__ = ["PREDICTION_TYPES", "OPTIMIZERS", "DivergenceError", "loss_and_grads", "Trainer"]
 
-#: Allowed regression targets of the network.
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 #: Allowed optimizer names of :class:`Trainer`.
 OPTIMIZERS = ("adam", "adamw")
 
@@ -45,14 +47,15 @@ def _model_params(model) -> dict:
 
 
 def _model_dtype(model) -> np.dtype:
-    return next(iter(_model_params(model).values())).dtype
+    return np.dtype(next(iter(_model_params(model).values())).dtype)
 
 
 def _model_backend(model) -> str:
+    """The backend whose native arrays the model's params are ("cpu" for models that do not say)."""
     backend = getattr(model, "backend", None)
     if backend is None:
         backend = (getattr(model, "config", None) or {}).get("backend", "cpu")
-    return backend
+    return backend if backend in BACKENDS else "cpu"
 
 
 def _check_x0(x0, name: str = "x0") -> np.ndarray:
@@ -103,29 +106,26 @@ def loss_and_grads(model, schedule: Schedule, x0: np.ndarray, rng: np.random.Gen
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
+    kern = get_backend(_model_backend(model))
     dtype = _model_dtype(model)
     x0 = np.ascontiguousarray(_check_x0(x0), dtype=dtype)
     n = x0.shape[0]
     t = rng.integers(0, schedule.num_timesteps, size=n, dtype=np.int64)
     noise = rng.standard_normal(x0.shape, dtype=dtype)
-    backend = _model_backend(model)
-    x_t = q_sample(schedule, x0, t, noise=noise, backend=backend if backend in BACKENDS else "cpu")
+    sab, s1m = schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]
+    d_x0, d_eps = kern.asarray(x0.reshape(n, -1)), kern.asarray(noise.reshape(n, -1))
+    x_t = kern.q_sample(d_x0, d_eps, sab, s1m).reshape(x0.shape)  # DDPM eq. 4
     if prediction_type == "epsilon":
-        target = noise
+        target = d_eps
     elif prediction_type == "sample":
-        target = x0
-    else:
-        target = get_velocity(schedule, x0, noise, t)
+        target = d_x0
+    else:  # v = sqrt(abar) eps - sqrt(1 - abar) x0: q_sample's a x0 + b eps with (a, b) = (-s1m, sab)
+        target = kern.q_sample(d_x0, d_eps, -s1m, sab)
     out, cache = model.forward(x_t, t)
-    if not isinstance(out, np.ndarray) or out.shape != target.shape:
-        raise ValueError(f"model output must have the shape of x0 {target.shape}, got "
+    if tuple(getattr(out, "shape", ())) != x0.shape:
+        raise ValueError(f"model output must have the shape of x0 {x0.shape}, got "
                          f"{getattr(out, 'shape', type(out).__name__)}")
-    diff = out - target.astype(out.dtype, copy=False)
-    flat = diff.astype(np.float64, copy=False).reshape(-1)
-    # einsum, not np.dot: a multi-threaded BLAS call here left OpenBLAS workers spinning into the next
-    # step's U-Net pass (Trainer.step 1230 -> 2250 img/s at 8x8 without BLAS here, measured)
-    loss = float(np.einsum("i,i->", flat, flat)) / flat.size
-    dout = diff * np.asarray(2.0 / diff.size, dtype=diff.dtype)
+    loss, dout = kern.mse_loss(out, target.reshape(x0.shape))
     grads = model.backward(dout, cache)
     return loss, grads
 
@@ -140,11 +140,12 @@ def _clone_model(model):
     src, dst = _model_params(model), _model_params(clone)
     if set(src) != set(dst):
         raise ValueError("type(model)(**model.config) does not rebuild the same parameter keys")
+    kern = get_backend(_model_backend(model))
     for k, p in src.items():
-        if dst[k].shape != p.shape or dst[k].dtype != p.dtype:
-            raise ValueError(f"type(model)(**model.config) rebuilds params[{k!r}] as {dst[k].shape} "
-                             f"{dst[k].dtype}, the model has {p.shape} {p.dtype}")
-        dst[k][...] = p
+        if tuple(dst[k].shape) != tuple(p.shape) or dst[k].dtype != p.dtype:
+            raise ValueError(f"type(model)(**model.config) rebuilds params[{k!r}] as {tuple(dst[k].shape)} "
+                             f"{dst[k].dtype}, the model has {tuple(p.shape)} {p.dtype}")
+        kern.copy_into(dst[k], p)
     return clone
 
 
@@ -172,10 +173,10 @@ class Trainer:
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8
     backend : {"numpy", "cpu", "cuda"} or None
-        By default the model's ``backend`` (else "cpu"). "numpy" / "cpu": the step runs on the host with
-        that backend's optimizer kernels (the model's forward/backward use the model's own backend).
-        "cuda": the whole step runs on the GPU (:class:`difnumpy.kernels.cuda.DeviceTrainStep`, the
-        model must be a :class:`difnumpy.nn.unet.UNet`); without a usable GPU (or the CUDA simulator) a
+        By default the model's ``backend`` (else "cpu"). Another name moves the model there first
+        (``model.backend = backend``; a model without a settable backend raises TypeError). The step
+        runs on that backend's kernels and arrays: with "cuda" the parameters, gradients, Adam's
+        moments and the EMA stay on the GPU; without a usable GPU (or the CUDA simulator) a
         RuntimeError says why.
 
     Attributes
@@ -191,22 +192,11 @@ class Trainer:
 
     Notes
     -----
-    Host and device state with ``backend="cuda"``: the parameters, Adam's moments and the EMA stay on
-    the device between steps; a step copies up the batch, ``eps`` and what depends on ``t`` (drawn on
-    the host from :attr:`rng`, as on the CPU) and copies down the loss and the gradient norm. The host
-    arrays (``model.params``, ``ema_model.params`` = ``ema.params``, ``optimizer.m`` / ``.v``) are copies
-    refreshed lazily: reading :attr:`model`, :attr:`ema_model`, :attr:`ema` or :attr:`optimizer` through
-    the trainer, or calling :meth:`sync_to_host` (as :func:`difnumpy.checkpoint.save_checkpoint` does),
-    first downloads the device state if a step ran since the last download. The arrays are refreshed in
-    place, so a reference to the model or its params kept outside the trainer is current after any of
-    these calls, and stale before. Scalars (``step_count``, ``optimizer.lr``, ``ema.num_updates``,
-    ``last_*``) are host values and always current.
-
-    Host to device: replacing a params dict (``model.set_params(...)``, ``ema_model.set_params(...)``) is
-    picked up at the next step, as on the CPU (the new values are uploaded). In-place edits of host
-    arrays reach the device only through :meth:`sync_to_device`, which uploads every host array (call
-    :meth:`sync_to_host`, or read them through the trainer, before editing). On host backends both sync
-    methods do nothing.
+    One step for every backend: the arrays live where the backend computes (device arrays on "cuda":
+    ``model.params``, ``ema_model.params``, ``optimizer.m`` / ``.v``); a step copies up the batch and
+    ``eps`` and copies down the loss and the gradient norm (two floats). NumPy copies of the state
+    come from ``model.host_params()``, ``optimizer.state_dict()`` and ``ema.state_dict()``.
+    Replacing a params dict (``model.set_params(...)``) is picked up at the next step.
     """
 
     def __init__(self, model, schedule: Schedule, lr: float = 2e-4, ema_decay: float = 0.999, rng=None,
@@ -231,51 +221,49 @@ class Trainer:
             raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if backend is not None and backend != _model_backend(model):
+            check_backend(backend)
+            if not isinstance(getattr(type(model), "backend", None), property) or \
+                    getattr(type(model), "backend").fset is None:
+                raise TypeError(f"backend={backend!r}: the model ({type(model).__name__}) cannot move to another "
+                                f"backend (it has no settable .backend); train it with backend=None")
+            model.backend = backend
+            params = _model_params(model)
         self._model = model
         self.schedule = schedule
         self.rng = as_generator(rng)
         self.grad_clip = grad_clip
         self.warmup_steps = int(warmup_steps)
-        self.backend = _model_backend(model) if backend is None else backend
+        self.backend = _model_backend(model)
+        self._kern = get_backend(self.backend)
         opt_cls = AdamW if self.optimizer_name == "adamw" else Adam
         self._optimizer = opt_cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                   backend=self.backend)
         self.lr = self._optimizer.lr  # base learning rate (the optimizer's lr follows the warmup)
         self._ema_model = _clone_model(model)
-        self._ema = EMA(self._ema_model.params, ema_decay, copy=False)
-        self._device = None
-        if self.backend == "cuda":
-            # the whole step on the GPU; the host optimizer and EMA become its mirrors (class Notes)
-            self._device = get_backend("cuda").DeviceTrainStep(
-                model, schedule, grad_clip=grad_clip, rng=self.rng, prediction_type=self.prediction_type,
-                optimizer=self._optimizer, ema=self._ema, error=DivergenceError)
+        self._ema = EMA(self._ema_model.params, ema_decay, copy=False, backend=self.backend)
         self.last_loss: float | None = None
         self.last_grad_norm: float | None = None
         self.last_lr: float | None = None
 
-    # The host views: with backend="cuda" they are brought up to date on access (class Notes).
     @property
     def model(self):
-        """The trained model (its params current on the host, see :meth:`sync_to_host`)."""
-        self.sync_to_host()
+        """The trained model."""
         return self._model
 
     @property
     def ema_model(self):
-        """A model of the same class holding the EMA parameters (current on the host)."""
-        self.sync_to_host()
+        """A model of the same class and backend holding the EMA parameters."""
         return self._ema_model
 
     @property
     def ema(self) -> EMA:
-        """The :class:`~difnumpy.nn.optim.EMA` whose arrays are ``ema_model.params`` (current on the host)."""
-        self.sync_to_host()
+        """The :class:`~difnumpy.nn.optim.EMA` whose arrays are ``ema_model.params``."""
         return self._ema
 
     @property
     def optimizer(self) -> Adam:
-        """The :class:`~difnumpy.nn.optim.Adam` / ``AdamW`` (moments current on the host)."""
-        self.sync_to_host()
+        """The :class:`~difnumpy.nn.optim.Adam` / ``AdamW``."""
         return self._optimizer
 
     @property
@@ -301,64 +289,31 @@ class Trainer:
                 f"grad_clip={self.grad_clip}, warmup_steps={self.warmup_steps})")
 
     def sync_to_host(self) -> None:
-        """Copy the device state into the host arrays (``backend="cuda"``; a no-op on host backends).
-
-        Afterwards ``model.params``, ``ema_model.params`` (= ``ema.params``) and ``optimizer.m`` / ``.v``
-        hold the values of the last step, updated in place. Nothing is copied when no step ran since
-        the last download. Called by the :attr:`model`, :attr:`ema_model`, :attr:`ema` and
-        :attr:`optimizer` properties and by :func:`difnumpy.checkpoint.save_checkpoint`.
-        """
-        if self._device is None:
-            return
-        self._sync_params()  # a replaced params dict goes up first, so the download cannot overwrite it
-        self._device.download()
+        """Kept for code written against 0.1, where the cuda step kept host mirrors: a no-op now (the
+        state lives in the backend's arrays; NumPy copies come from ``model.host_params()`` and the
+        ``state_dict()`` methods)."""
 
     def sync_to_device(self) -> None:
-        """Upload the host arrays (params, EMA params, Adam moments) after editing them in place.
-
-        ``backend="cuda"`` only (a no-op on host backends): makes in-place host edits, e.g. a restored
-        checkpoint's state, the state the next step starts from.
-
-        Raises
-        ------
-        RuntimeError
-            If a step ran since the host arrays were last refreshed: they are stale, and uploading them
-            would silently undo those steps. Read them through the trainer (or call :meth:`sync_to_host`)
-            before editing them.
-        """
-        if self._device is None:
-            return
-        self._sync_params()
-        if not self._device.host_current:
-            raise RuntimeError("sync_to_device: the host arrays are older than the device state (a step ran "
-                               "since they were last refreshed); call sync_to_host() (or read them through "
-                               "trainer.model / .ema_model / .optimizer / .ema) before editing them")
-        self._device.upload()
+        """A no-op, as :meth:`sync_to_host` (edit parameters with ``model.set_params``)."""
 
     def _sync_params(self) -> None:
         # A model may replace its params dict (e.g. UNet.set_params); follow it, same keys and shapes.
-        replaced = set()
         for owner, holder, name in ((self._model, self._optimizer, "model"),
                                     (self._ema_model, self._ema, "ema_model")):
             new = _model_params(owner)
             if holder.params is new:
                 continue
             old = holder.params
-            if set(new) != set(old) or any(new[k].shape != old[k].shape or new[k].dtype != old[k].dtype
+            if set(new) != set(old) or any(tuple(new[k].shape) != tuple(old[k].shape) or new[k].dtype != old[k].dtype
                                            for k in old):
                 raise ValueError(f"{name}.params was replaced by arrays of other keys, shapes or dtypes")
             holder.params = new
-            replaced.add(name)
-        if self._device is not None and replaced:
-            # the new dict holds the caller's values: they go up; the rest of the state stays on the device
-            self._device.upload(params="model" in replaced, ema="ema_model" in replaced, optimizer=False)
 
     def step(self, x0_batch: np.ndarray) -> float:
         """One training step on a clean batch; returns the loss (before the update).
 
         Order: lr from the warmup schedule; :func:`loss_and_grads` (draws t then eps from :attr:`rng`);
-        clip the gradients to :attr:`grad_clip`; optimizer update; EMA update. With ``backend="cuda"``
-        the same step runs on the device (:meth:`difnumpy.kernels.cuda.DeviceTrainStep.step`).
+        clip the gradients to :attr:`grad_clip`; optimizer update; EMA update; on every backend.
 
         Parameters
         ----------
@@ -372,21 +327,16 @@ class Trainer:
         """
         self._sync_params()
         lr = lr_at(self.step_count + 1, self.lr, self.warmup_steps)
-        if self._device is not None:  # backend="cuda": the one dispatch point
-            loss = self._device.step(_check_x0(x0_batch), lr, rng=self.rng, grad_clip=self.grad_clip,
-                                     prediction_type=self.prediction_type)
-            norm = self._device.last_grad_norm
-        else:
-            loss, grads = loss_and_grads(self._model, self.schedule, x0_batch, self.rng, self.prediction_type)
-            if not math.isfinite(loss):
-                raise DivergenceError(f"non-finite loss ({loss}) at step {self.step_count + 1}; "
-                                      f"the update was not applied")
-            norm = clip_grad_norm(grads, self.grad_clip)
-            if not math.isfinite(norm):
-                raise DivergenceError(f"non-finite gradient norm ({norm}) at step {self.step_count + 1}; "
-                                      f"the update was not applied")
-            self._optimizer.lr = lr
-            self._optimizer.step(grads)
-            self._ema.update(self._model.params)
+        loss, grads = loss_and_grads(self._model, self.schedule, x0_batch, self.rng, self.prediction_type)
+        if not math.isfinite(loss):
+            raise DivergenceError(f"non-finite loss ({loss}) at step {self.step_count + 1}; "
+                                  f"the update was not applied")
+        norm = clip_grad_norm(grads, self.grad_clip, backend=self._kern)
+        if not math.isfinite(norm):
+            raise DivergenceError(f"non-finite gradient norm ({norm}) at step {self.step_count + 1}; "
+                                  f"the update was not applied")
+        self._optimizer.lr = lr
+        self._optimizer.step(grads)
+        self._ema.update(self._model.params)
         self.last_loss, self.last_grad_norm, self.last_lr = loss, norm, lr
         return loss

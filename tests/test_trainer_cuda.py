@@ -1,4 +1,4 @@
-"""Trainer(backend="cuda"): the device-resident step against the CPU Trainer, host/device sync, resume.
+"""Trainer(backend="cuda"): the trainer's one step on device arrays against the CPU Trainer, transfers, resume.
 
 Runs under numba's CUDA simulator in CI (``NUMBA_ENABLE_CUDASIM=1`` set before numba is imported); skipped
 as a whole when neither a GPU nor the simulator is usable (the no-GPU error is checked in test_trainer.py).
@@ -23,11 +23,9 @@ from difnumpy.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from difnumpy.nn.optim import AdamW  # noqa: E402
 from difnumpy.trainer import DivergenceError  # noqa: E402
 
-pytestmark = [
-    # numba.cuda.random's xoroshiro128p on the simulator does uint64 arithmetic in NumPy scalars
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning"),
-]
+from numba import cuda as nbcuda  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")]
 
 # warmup over 2 steps and a small clipping bound: both are active in a 3-step run (checked below)
 HP = dict(lr=1e-2, ema_decay=0.9, warmup_steps=2, grad_clip=0.5, weight_decay=0.1)
@@ -67,11 +65,12 @@ def _trainer(backend, seed=7, **kw):
 
 
 def _state(tr):
-    """Copies of every array of the trainer's state, read through the trainer (so synced to the host)."""
-    return {"params": {k: v.copy() for k, v in tr.model.params.items()},
-            "ema": {k: v.copy() for k, v in tr.ema_model.params.items()},
-            "m": {k: v.copy() for k, v in tr.optimizer.m.items()},
-            "v": {k: v.copy() for k, v in tr.optimizer.v.items()}}
+    """NumPy copies of every array of the trainer's state (copied down from the device on cuda)."""
+    opt = tr.optimizer.state_dict()
+    return {"params": {k: v.copy() for k, v in tr.model.host_params().items()},
+            "ema": {k: v.copy() for k, v in tr.ema_model.host_params().items()},
+            "m": {k: opt[f"m/{k}"] for k in tr.model.params},
+            "v": {k: opt[f"v/{k}"] for k in tr.model.params}}
 
 
 def _assert_state_close(got, want):
@@ -122,7 +121,7 @@ def test_cuda_trainer_matches_cpu_trainer(data, prediction_type, optimizer):
 
 
 # ---------------------------------------------------------------------------------------------------
-# transfers: a step moves no parameters or optimizer state; reads through the trainer do
+# transfers: the state lives on the device; a step moves only the batch, eps and two floats
 
 
 class _TransferLog:
@@ -130,8 +129,8 @@ class _TransferLog:
 
     def __init__(self, monkeypatch):
         self.up, self.down = [], []
-        dev_cls = type(ck.cuda.device_array((1,), dtype=np.float32))
-        to_device, copy_to_host, copy_to_device = ck.cuda.to_device, dev_cls.copy_to_host, dev_cls.copy_to_device
+        dev_cls = type(nbcuda.device_array((1,), dtype=np.float32))
+        to_device, copy_to_host, copy_to_device = nbcuda.to_device, dev_cls.copy_to_host, dev_cls.copy_to_device
 
         def logged_to_device(obj, *a, **kw):
             self.up.append(np.asarray(obj).nbytes)
@@ -145,7 +144,7 @@ class _TransferLog:
             self.up.append(np.asarray(ary).nbytes)
             return copy_to_device(arr, ary, *a, **kw)
 
-        monkeypatch.setattr(ck.cuda, "to_device", logged_to_device)
+        monkeypatch.setattr(nbcuda, "to_device", logged_to_device)
         monkeypatch.setattr(dev_cls, "copy_to_host", logged_copy_to_host)
         monkeypatch.setattr(dev_cls, "copy_to_device", logged_copy_to_device)
 
@@ -154,50 +153,31 @@ class _TransferLog:
         self.down.clear()
 
 
-def _device_ids(tr):
-    dev = tr._device
+def _ids(tr):
     return {name: {k: id(a) for k, a in arrays.items()}
-            for name, arrays in (("params", dev.net.params), ("m", dev.m), ("v", dev.v), ("ema", dev.ema_params))}
+            for name, arrays in (("params", tr.model.params), ("m", tr.optimizer.m), ("v", tr.optimizer.v),
+                                 ("ema", tr.ema.params))}
 
 
-def test_cuda_step_copies_no_parameters_or_optimizer_state(monkeypatch, data):
+def test_cuda_state_lives_on_the_device_and_a_step_copies_none_of_it(monkeypatch, data):
     tr = _trainer("cuda")
-    model = tr.model  # the caller's reference, read before the step
-    initial = {k: v.copy() for k, v in model.params.items()}
-    param_bytes = sum(p.nbytes for p in initial.values())
-    ids = _device_ids(tr)
+    for arrays in (tr.model.params, tr.ema_model.params, tr.optimizer.m, tr.optimizer.v):
+        assert all(ck.is_array(a) and not isinstance(a, np.ndarray) for a in arrays.values())
+    param_bytes = sum(int(p.nbytes) for p in tr.model.params.values())
+    batch_bytes = data[0].nbytes
+    ids = _ids(tr)
     log = _TransferLog(monkeypatch)
-
+    before = tr.model.host_params()
+    log.clear()
     tr.step(data[0])
-    # up: the batch, eps and small per-sample arrays; down: two arrays of per-block partial sums
-    assert sum(log.up) < param_bytes / 4, log.up
-    assert sum(log.down) < param_bytes / 4 and len(log.down) <= 2, log.down
-    # nothing came down: the caller's reference still holds the initial values ...
-    for k, p in initial.items():
-        np.testing.assert_array_equal(model.params[k], p, err_msg=k)
-    # ... host arrays that are stale must not be pushed back over the device state
-    with pytest.raises(RuntimeError, match="sync_to_host"):
-        tr.sync_to_device()
-
-    # reading through the trainer downloads params, m, v and EMA once (the log sees parameter-sized copies)
-    log.clear()
-    assert tr.model is model
-    assert sum(log.down) >= 4 * param_bytes
-    assert any(not np.array_equal(model.params[k], p) for k, p in initial.items())
-    log.clear()
-    tr.sync_to_host()
-    _ = tr.ema_model, tr.optimizer, tr.ema
-    assert log.down == []  # already current: nothing copied again
-
-    # a step after a host read uploads no state either, and every device array kept its identity
-    log.clear()
+    # up: the batch, eps and small per-sample arrays (embedding, coefficients); down: a few scalars' partials
+    assert sum(log.up) < 4 * batch_bytes + param_bytes / 4, log.up
+    assert sum(log.down) < param_bytes / 4, log.down
+    assert _ids(tr) == ids  # updated in place: the same device arrays
+    after = tr.model.host_params()
+    assert any(not np.array_equal(after[k], before[k]) for k in before)  # and they did change
     tr.step(data[1])
-    assert sum(log.up) < param_bytes / 4 and sum(log.down) < param_bytes / 4
-    tr.sync_to_host()
-    log.clear()
-    tr.sync_to_device()
-    assert sum(log.up) >= 4 * param_bytes
-    assert _device_ids(tr) == ids
+    assert _ids(tr) == ids
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,7 +191,7 @@ def test_cuda_checkpoint_resume_matches_straight_run(tmp_path, data):
     tr = _trainer("cuda")
     losses = [tr.step(data[0])]
     path = tmp_path / "ckpt.npz"
-    save_checkpoint(path, tr)  # must download the device state of step 1
+    save_checkpoint(path, tr)  # copies the device state of step 1 down
     loaded = load_checkpoint(path)
     assert loaded.backend == "cuda" and loaded.step_count == 1
     _assert_state_equal(_state(loaded), _state(tr))
@@ -228,66 +208,52 @@ def test_cuda_checkpoint_resume_matches_straight_run(tmp_path, data):
 
 
 # ---------------------------------------------------------------------------------------------------
-# divergence, host edits
-
-
-def _device_state(tr):
-    """The device arrays themselves, copied down directly (not through the host mirrors)."""
-    dev = tr._device
-    return {name: {k: a.copy_to_host() for k, a in arrays.items()}
-            for name, arrays in (("params", dev.net.params), ("ema", dev.ema_params), ("m", dev.m), ("v", dev.v))}
+# divergence, replaced parameters
 
 
 def test_cuda_divergence_updates_nothing(monkeypatch, data):
     cpu, gpu = _trainer("cpu"), _trainer("cuda")
     key = "stem.w"
-    good = cpu.model.params[key][0, 0, 0, 0]
     for tr in (cpu, gpu):
-        tr.model.params[key][0, 0, 0, 0] = np.nan  # poisons the output, hence the loss
-        tr.sync_to_device()
+        bad = tr.model.host_params()
+        bad = {k: v.copy() for k, v in bad.items()}
+        bad[key][0, 0, 0, 0] = np.nan  # poisons the output, hence the loss
+        tr.model.params[key] = tr.model.kernels.asarray(bad[key])
     before = _state(gpu)
     for tr in (cpu, gpu):
         with pytest.raises(DivergenceError, match="non-finite loss .* at step 1"):
             tr.step(data[0])
-    _assert_state_equal(_device_state(gpu), before)  # NaN compares equal here
+    _assert_state_equal(_state(gpu), before)  # NaN compares equal here
     for tr in (cpu, gpu):
-        tr.model.params[key][0, 0, 0, 0] = good
-        tr.sync_to_device()
+        tr.model.params[key] = tr.model.kernels.asarray(_model().host_params()[key])
     # a non-finite gradient norm (forced) is refused as well
     before = _state(gpu)
-    monkeypatch.setattr(trainer_mod, "clip_grad_norm", lambda grads, c: float("inf"))
-    monkeypatch.setattr(gpu._device, "_global_norm", lambda grads: float("inf"))
+    monkeypatch.setattr(trainer_mod, "clip_grad_norm", lambda grads, c, backend: float("inf"))
     for tr in (cpu, gpu):
         with pytest.raises(DivergenceError, match="non-finite gradient norm .* at step 1"):
             tr.step(data[1])
         assert tr.step_count == 0 and tr.last_loss is None and tr.ema.num_updates == 0
     monkeypatch.undo()
-    _assert_state_equal(_device_state(gpu), before)
+    _assert_state_equal(_state(gpu), before)
     # had either refused step changed the params, moments, EMA or counters, this step would differ
     assert gpu.step(data[2]) == pytest.approx(cpu.step(data[2]), rel=1e-5)
     _assert_scalars_equal(gpu, cpu)
     _assert_state_close(_state(gpu), _state(cpu))
 
 
-def test_cuda_host_edits_reach_the_device(data):
+def test_cuda_replaced_params_are_picked_up(data):
     cpu, gpu = _trainer("cpu"), _trainer("cuda")
     new = {k: v * 0.5 for k, v in _model(seed=11).params.items()}
     for tr in (cpu, gpu):
         tr.model.set_params(new)  # replaces the params dict: picked up at the next step
+        tr.ema_model.set_params(new)
     assert gpu.step(data[0]) == pytest.approx(cpu.step(data[0]), rel=1e-5)
-    _assert_state_close(_state(gpu), _state(cpu))
-    for tr in (cpu, gpu):
-        for k, e in tr.ema_model.params.items():
-            e[...] = new[k]  # in place: needs sync_to_device on the device backend (a no-op on the CPU)
-        tr.optimizer.m["out.conv.w"][...] = 0.0
-        tr.sync_to_device()
-    assert gpu.step(data[1]) == pytest.approx(cpu.step(data[1]), rel=1e-5)
     _assert_scalars_equal(gpu, cpu)
     _assert_state_close(_state(gpu), _state(cpu))
 
 
-def test_cuda_trainer_refuses_models_it_cannot_run(schedule):
-    class Linear:  # the training API, but not a UNet
+def test_cuda_trainer_refuses_models_it_cannot_move(schedule):
+    class Linear:  # the training API, but no settable backend
         config = {}
 
         def __init__(self):
@@ -299,5 +265,14 @@ def test_cuda_trainer_refuses_models_it_cannot_run(schedule):
         def backward(self, dout, cache):
             return {"w": np.zeros(3, np.float32)}
 
-    with pytest.raises(TypeError, match="UNet"):
+    with pytest.raises(TypeError, match="settable .backend"):
         Trainer(Linear(), schedule, backend="cuda")
+
+
+def test_trainer_backend_moves_the_model(schedule):
+    model = _model()
+    want = model.host_params()
+    tr = Trainer(model, schedule, backend="cuda", rng=0)
+    assert model.backend == "cuda" and tr.backend == "cuda"
+    for k, v in model.host_params().items():
+        np.testing.assert_array_equal(v, want[k])

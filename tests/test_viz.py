@@ -79,7 +79,6 @@ def test_every_function_writes_a_valid_png(tmp_path):
 
 
 def test_forward_process_strip(tmp_path):
-    pytest.importorskip("difnumpy.diffusion")
     from difnumpy.schedules import Schedule
 
     sch = Schedule.from_name("linear", 100)

@@ -15,9 +15,15 @@ from types import ModuleType
 
 BACKENDS = ("numpy", "cpu", "cuda")
 
-__all__ = ["BACKENDS", "check_backend", "get_backend", "cuda_available"]
+__all__ = ["BACKENDS", "check_backend", "get_backend", "backend_name", "cuda_available"]
 
 _MODULES = {"numpy": "reference", "cpu": "cpu", "cuda": "cuda"}
+_NAMES = {f"difnumpy.kernels.{m}": name for name, m in _MODULES.items()}
+
+
+def backend_name(kern: ModuleType) -> str:
+    """The backend name ("numpy", "cpu", "cuda") of a kernel module returned by :func:`get_backend`."""
+    return _NAMES[kern.__name__]
 
 
 def check_backend(backend: str) -> str:
@@ -27,8 +33,9 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def get_backend(backend: str = "cpu") -> ModuleType:
-    """Return the kernel module for ``backend`` ("numpy", "cpu" or "cuda").
+def get_backend(backend: str | ModuleType = "cpu") -> ModuleType:
+    """Return the kernel module for ``backend`` ("numpy", "cpu" or "cuda"; a kernel module itself is
+    returned as it is, so functions may take either).
 
     Raises
     ------
@@ -37,6 +44,8 @@ def get_backend(backend: str = "cpu") -> ModuleType:
     RuntimeError
         If ``backend="cuda"`` is asked for but no usable GPU / numba-cuda is present.
     """
+    if isinstance(backend, ModuleType) and backend.__name__ in _NAMES:
+        return backend
     check_backend(backend)
     if backend == "cuda":
         from difnumpy.kernels import cuda  # noqa: F401  (raises a clear error itself if unusable)

@@ -6,11 +6,11 @@ Every layer is a pair ``name_forward(x, *params, **hp) -> (out, cache)`` and
 ``(out_features, in_features)`` (PyTorch layout). Activations are float32 or float64; parameters
 must have the activation's dtype and outputs keep it.
 
-The convolution, the (fused) GroupNorm(+SiLU), upsampling and channel concatenation call the kernels
-of a backend (:func:`difnumpy.kernels.get_backend`): ``backend="numpy"`` (the NumPy twins, the default
-here), ``"cpu"`` (numba) or ``"cuda"``. The backward pass always uses the backend of its forward pass
-(it is kept in the cache). Linear layers use ``np.matmul`` (BLAS); SiLU and the MSE loss are plain
-NumPy on every CPU backend.
+Every layer computes through a kernel backend (:func:`difnumpy.kernels.get_backend`, the API of
+:mod:`difnumpy.kernels.api`): ``backend="numpy"`` (the NumPy twins, the default here), ``"cpu"`` (numba)
+or ``"cuda"``. Inputs may be NumPy arrays or the backend's native arrays (device arrays on cuda); the
+outputs and caches hold native arrays, so a whole graph stays on its backend. The backward pass uses
+the backend of its forward pass (it is kept in the cache).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from difnumpy.kernels import get_backend
+from difnumpy.kernels.reference import _sigmoid
 
 __all__ = [
     "conv2d_forward", "conv2d_backward",
@@ -41,30 +42,28 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # argument checks
 # --------------------------------------------------------------------------------------------
 
-def _kernels(backend: str | ModuleType) -> ModuleType:
-    """The kernel module for ``backend`` (a backend name, or an already resolved module)."""
-    if isinstance(backend, ModuleType):
-        return backend
-    return get_backend(backend)
+_kernels = get_backend  # a backend name, or an already resolved kernel module
 
 
-def _check_float_array(name: str, a, ndim: int | None = None) -> np.ndarray:
-    """Return ``a`` as a C-contiguous float32/float64 ndarray, else raise TypeError/ValueError."""
-    if not isinstance(a, np.ndarray):
+def _check_float_array(name: str, a, ndim: int | None = None, kern: ModuleType | None = None):
+    """Return ``a`` as a C-contiguous float32/float64 native array of ``kern`` (NumPy arrays are
+    accepted on every backend and copied up on cuda), else raise TypeError/ValueError."""
+    native = kern is not None and not isinstance(a, np.ndarray) and kern.is_array(a)
+    if not (isinstance(a, np.ndarray) or native):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype not in _FLOAT_DTYPES:
+    if np.dtype(a.dtype) not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    return np.ascontiguousarray(a)
+    if ndim is not None and len(a.shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
+    return kern.asarray(a) if kern is not None else np.ascontiguousarray(a)
 
 
-def _check_param(name: str, a, shape: tuple, dtype: np.dtype) -> np.ndarray:
+def _check_param(name: str, a, shape: tuple, dtype: np.dtype, kern: ModuleType | None = None):
     """Check a parameter array's shape and that its dtype matches the activation's."""
-    a = _check_float_array(name, a)
-    if a.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
-    if a.dtype != dtype:
+    a = _check_float_array(name, a, None, kern)
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+    if np.dtype(a.dtype) != dtype:
         raise TypeError(f"{name} must have the input's dtype {dtype}, got {a.dtype}")
     return a
 
@@ -97,7 +96,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     -------
     ndarray, shape and dtype of ``x``
     """
-    return 0.5 + 0.5 * np.tanh(0.5 * x)
+    return _sigmoid(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,21 +125,22 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
     -----
     ``out[n, f, i, j] = b[f] + sum_{c,u,v} w[f, c, u, v] * xpad[n, c, stride*i + u, stride*j + v]``.
     """
-    x = _check_float_array("x", x, 4)
-    w = _check_float_array("w", w, 4)
+    kern = _kernels(backend)
+    x = _check_float_array("x", x, 4, kern)
+    w = _check_float_array("w", w, 4, kern)
     if w.dtype != x.dtype:
         raise TypeError(f"w must have the input's dtype {x.dtype}, got {w.dtype}")
     F, C, KH, KW = w.shape
     if C != x.shape[1]:
-        raise ValueError(f"w has {C} input channels but x has {x.shape[1]} (x shape {x.shape}, w shape {w.shape})")
-    b = _check_param("b", b, (F,), x.dtype)
+        raise ValueError(f"w has {C} input channels but x has {x.shape[1]} (x shape {tuple(x.shape)}, "
+                         f"w shape {tuple(w.shape)})")
+    b = _check_param("b", b, (F,), x.dtype, kern)
     stride = _check_int("stride", stride, 1)
     padding = _check_int("padding", padding, 0)
     H, W = x.shape[2], x.shape[3]
     if H + 2 * padding < KH or W + 2 * padding < KW:
         raise ValueError(f"kernel {KH}x{KW} is larger than the padded input {H + 2 * padding}x{W + 2 * padding} "
-                         f"(x shape {x.shape}, padding {padding})")
-    kern = _kernels(backend)
+                         f"(x shape {tuple(x.shape)}, padding {padding})")
     out = kern.conv2d_forward(x, w, b, stride, padding)
     return out, (x, w, stride, padding, kern)
 
@@ -163,9 +163,9 @@ def conv2d_backward(dout: np.ndarray, cache: tuple,
     db : ndarray, shape (F,)
     """
     x, w, stride, padding, kern = cache
-    dout = np.ascontiguousarray(dout, dtype=x.dtype)
-    dx = kern.conv2d_backward_input(dout, w, x.shape, stride, padding) if input_grad else None
-    dw, db = kern.conv2d_backward_weight(dout, x, w.shape, stride, padding)
+    dout = kern.asarray(dout, x.dtype)
+    dx = kern.conv2d_backward_input(dout, w, tuple(x.shape), stride, padding) if input_grad else None
+    dw, db = kern.conv2d_backward_weight(dout, x, tuple(w.shape), stride, padding)
     return dx, dw, db
 
 
@@ -173,7 +173,8 @@ def conv2d_backward(dout: np.ndarray, cache: tuple,
 # linear
 # --------------------------------------------------------------------------------------------
 
-def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, tuple]:
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, *,
+                   backend: str | ModuleType = "numpy") -> tuple[np.ndarray, tuple]:
     """Affine layer ``out = x @ w.T + b``.
 
     Parameters
@@ -181,23 +182,23 @@ def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndar
     x : ndarray, shape (N, D), float32 or float64
     w : ndarray, shape (M, D), dtype of ``x`` (PyTorch layout: out_features x in_features)
     b : ndarray, shape (M,), dtype of ``x``
+    backend : {"numpy", "cpu", "cuda"}
 
     Returns
     -------
     out : ndarray, shape (N, M), dtype of ``x``
     cache : tuple, for :func:`linear_backward`
     """
-    x = _check_float_array("x", x, 2)
-    w = _check_float_array("w", w, 2)
+    kern = _kernels(backend)
+    x = _check_float_array("x", x, 2, kern)
+    w = _check_float_array("w", w, 2, kern)
     if w.dtype != x.dtype:
         raise TypeError(f"w must have the input's dtype {x.dtype}, got {w.dtype}")
     if w.shape[1] != x.shape[1]:
         raise ValueError(f"w has {w.shape[1]} input features but x has {x.shape[1]} "
-                         f"(x shape {x.shape}, w shape {w.shape})")
-    b = _check_param("b", b, (w.shape[0],), x.dtype)
-    out = np.matmul(x, w.T)
-    out += b
-    return out, (x, w)
+                         f"(x shape {tuple(x.shape)}, w shape {tuple(w.shape)})")
+    b = _check_param("b", b, (w.shape[0],), x.dtype, kern)
+    return kern.linear_forward(x, w, b), (x, w, kern)
 
 
 def linear_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -209,23 +210,19 @@ def linear_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, np.ndar
     dw : ndarray, shape (M, D)
     db : ndarray, shape (M,)
     """
-    x, w = cache
-    dout = np.asarray(dout, dtype=x.dtype)
-    dx = np.matmul(dout, w)
-    dw = np.matmul(dout.T, x)
-    db = dout.sum(axis=0)
-    return dx, dw, db
+    x, w, kern = cache
+    return kern.linear_backward(kern.asarray(dout, x.dtype), x, w)
 
 
 # --------------------------------------------------------------------------------------------
 # group norm, SiLU, and the fused pair
 # --------------------------------------------------------------------------------------------
 
-def _gn_checks(x, gamma, beta, groups, eps):
-    x = _check_float_array("x", x, 4)
+def _gn_checks(x, gamma, beta, groups, eps, kern):
+    x = _check_float_array("x", x, 4, kern)
     C = x.shape[1]
-    gamma = _check_param("gamma", gamma, (C,), x.dtype)
-    beta = _check_param("beta", beta, (C,), x.dtype)
+    gamma = _check_param("gamma", gamma, (C,), x.dtype, kern)
+    beta = _check_param("beta", beta, (C,), x.dtype, kern)
     groups = _check_int("groups", groups, 1)
     if C % groups != 0:
         raise ValueError(f"groups must divide the number of channels {C}, got groups={groups}")
@@ -257,8 +254,8 @@ def group_norm_silu_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, 
     (biased) statistics of each group of ``C / groups`` channels of each sample;
     then ``out = y * sigmoid(y)`` (SiLU, Elfwing et al. 2018).
     """
-    x, gamma, beta, groups, eps = _gn_checks(x, gamma, beta, groups, eps)
     kern = _kernels(backend)
+    x, gamma, beta, groups, eps = _gn_checks(x, gamma, beta, groups, eps, kern)
     silu = bool(silu)
     out, mean, rstd = kern.group_norm_silu_forward(x, gamma, beta, groups, eps, silu)
     return out, (x, gamma, beta, mean, rstd, groups, silu, kern)
@@ -273,7 +270,7 @@ def group_norm_silu_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray
     dgamma, dbeta : ndarray, shape (C,)
     """
     x, gamma, beta, mean, rstd, groups, silu, kern = cache
-    dout = np.ascontiguousarray(dout, dtype=x.dtype)
+    dout = kern.asarray(dout, x.dtype)
     return kern.group_norm_silu_backward(dout, x, gamma, beta, mean, rstd, groups, silu)
 
 
@@ -301,27 +298,28 @@ def group_norm_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, np.
     return group_norm_silu_backward(dout, cache)
 
 
-def silu_forward(x: np.ndarray) -> tuple[np.ndarray, tuple]:
+def silu_forward(x: np.ndarray, *, backend: str | ModuleType = "numpy") -> tuple[np.ndarray, tuple]:
     """SiLU (swish) ``out = x * sigmoid(x)`` (Elfwing et al. 2018).
 
     Parameters
     ----------
     x : ndarray, any shape, float32 or float64
+    backend : {"numpy", "cpu", "cuda"}
 
     Returns
     -------
     out : ndarray, shape and dtype of ``x``
     cache : tuple, for :func:`silu_backward`
     """
-    x = _check_float_array("x", x)
-    s = sigmoid(x)
-    return x * s, (x, s)
+    kern = _kernels(backend)
+    x = _check_float_array("x", x, None, kern)
+    return kern.silu_forward(x), (x, kern)
 
 
 def silu_backward(dout: np.ndarray, cache: tuple) -> np.ndarray:
     """Backward of :func:`silu_forward`: ``dx = dout * s * (1 + x * (1 - s))``, ``s = sigmoid(x)``."""
-    x, s = cache
-    return dout * (s * (1.0 + x * (1.0 - s)))
+    x, kern = cache
+    return kern.silu_backward(kern.asarray(dout, x.dtype), x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,8 +339,8 @@ def upsample_nearest_forward(x: np.ndarray, backend: str | ModuleType = "numpy")
     out : ndarray, shape (N, C, 2H, 2W), dtype of ``x``, C-contiguous
     cache : tuple, for :func:`upsample_nearest_backward`
     """
-    x = _check_float_array("x", x, 4)
     kern = _kernels(backend)
+    x = _check_float_array("x", x, 4, kern)
     return kern.upsample_nearest2x_forward(x), (kern,)
 
 
@@ -367,15 +365,15 @@ def concat_forward(xs: Sequence[np.ndarray], backend: str | ModuleType = "numpy"
     """
     if isinstance(xs, np.ndarray) or not isinstance(xs, (list, tuple)) or len(xs) == 0:
         raise TypeError("xs must be a non-empty list or tuple of arrays")
-    xs = [_check_float_array(f"xs[{k}]", a, 4) for k, a in enumerate(xs)]
+    kern = _kernels(backend)
+    xs = [_check_float_array(f"xs[{k}]", a, 4, kern) for k, a in enumerate(xs)]
     first = xs[0]
     for k, a in enumerate(xs[1:], start=1):
         if a.dtype != first.dtype:
             raise TypeError(f"xs[{k}] has dtype {a.dtype}, xs[0] has {first.dtype}")
         if a.shape[0] != first.shape[0] or a.shape[2:] != first.shape[2:]:
-            raise ValueError(f"xs[{k}] has shape {a.shape}, incompatible with xs[0] shape {first.shape} "
-                             f"(all but the channel axis must agree)")
-    kern = _kernels(backend)
+            raise ValueError(f"xs[{k}] has shape {tuple(a.shape)}, incompatible with xs[0] shape "
+                             f"{tuple(first.shape)} (all but the channel axis must agree)")
     return kern.concat_channels(xs), (tuple(a.shape[1] for a in xs), kern)
 
 
@@ -429,13 +427,15 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0, dtype=np.float6
     return emb.astype(dtype, copy=False)
 
 
-def mse_loss(pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+def mse_loss(pred: np.ndarray, target: np.ndarray, *,
+             backend: str | ModuleType = "numpy") -> tuple[float, np.ndarray]:
     """Mean squared error and its gradient.
 
     Parameters
     ----------
     pred : ndarray, any shape, float32 or float64
-    target : ndarray, shape of ``pred``
+    target : ndarray, shape of ``pred`` (cast to its dtype)
+    backend : {"numpy", "cpu", "cuda"}
 
     Returns
     -------
@@ -447,13 +447,12 @@ def mse_loss(pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
     The simplified DDPM objective, Ho et al. 2020 eq. (14), is this loss with
     ``pred = eps_theta(x_t, t)`` and ``target = eps``.
     """
-    pred = _check_float_array("pred", pred)
-    target = np.asarray(target)
-    if target.shape != pred.shape:
-        raise ValueError(f"target must have the shape of pred {pred.shape}, got {target.shape}")
+    kern = _kernels(backend)
+    pred = _check_float_array("pred", pred, None, kern)
+    if not (isinstance(target, np.ndarray) or kern.is_array(target)):
+        target = np.asarray(target)
+    if tuple(target.shape) != tuple(pred.shape):
+        raise ValueError(f"target must have the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}")
     if pred.size == 0:
         raise ValueError("pred must not be empty")
-    diff = pred - target.astype(pred.dtype, copy=False)
-    loss = float(np.mean(np.square(diff, dtype=np.float64)))
-    dpred = diff * pred.dtype.type(2.0 / pred.size)
-    return loss, dpred
+    return kern.mse_loss(pred, kern.asarray(target, pred.dtype))

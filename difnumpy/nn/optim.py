@@ -8,19 +8,22 @@
   Appendix B: decay 0.9999).
 - :func:`lr_at` / :func:`warmup_schedule`: linear learning-rate warmup, then constant.
 
-Parameters are a ``dict[str, ndarray]`` (the model's ``.params``) and are updated **in place**;
-optimizer state (first/second moments, step count) is plain arrays and ints, so it can be saved to an
+Parameters are a ``dict[str, array]`` (the model's ``.params``) and are updated **in place** by the
+kernels of a backend (:mod:`difnumpy.kernels.api`): NumPy arrays on "numpy" and "cpu", device arrays on
+"cuda", where the moments and the EMA stay on the device too. Optimizer state (first/second moments,
+step count) is plain arrays and ints: ``state_dict()`` gives NumPy copies, so it can be saved to an
 ``.npz`` without pickle (see :mod:`difnumpy.checkpoint`).
 """
 from __future__ import annotations
 
 import math
 import numbers
+from types import ModuleType
 from typing import Callable, Mapping
 
 import numpy as np
 
-from difnumpy.kernels import get_backend
+from difnumpy.kernels import backend_name, get_backend
 
 __all__ = ["Adam", "AdamW", "EMA", "clip_grad_norm", "global_norm", "lr_at", "warmup_schedule"]
 
@@ -47,7 +50,11 @@ def _check_int(value, name: str, *, lo: int = 0) -> int:
     return int(value)
 
 
-def _check_params(params, name: str = "params") -> dict:
+def _is_array(a, kern: ModuleType) -> bool:
+    return isinstance(a, np.ndarray) or kern.is_array(a)
+
+
+def _check_params(params, kern: ModuleType, name: str = "params") -> dict:
     if not isinstance(params, Mapping):
         raise TypeError(f"{name} must be a dict of str -> ndarray, got {type(params).__name__}")
     if len(params) == 0:
@@ -55,16 +62,17 @@ def _check_params(params, name: str = "params") -> dict:
     for k, p in params.items():
         if not isinstance(k, str):
             raise TypeError(f"{name} keys must be str, got {type(k).__name__}")
-        if not isinstance(p, np.ndarray):
-            raise TypeError(f"{name}[{k!r}] must be a numpy ndarray, got {type(p).__name__}")
-        if p.dtype not in (np.float32, np.float64):
+        if not kern.is_array(p):
+            raise TypeError(f"{name}[{k!r}] must be a native array of backend {backend_name(kern)!r} "
+                            f"(a numpy ndarray on the host backends), got {type(p).__name__}")
+        if np.dtype(p.dtype) not in (np.float32, np.float64):
             raise TypeError(f"{name}[{k!r}] must have dtype float32 or float64, got {p.dtype}")
-        if not p.flags.c_contiguous or not p.flags.writeable:
+        if isinstance(p, np.ndarray) and (not p.flags.c_contiguous or not p.flags.writeable):
             raise ValueError(f"{name}[{k!r}] must be a writeable C-contiguous array (it is updated in place)")
     return params
 
 
-def _check_grads(grads, params) -> None:
+def _check_grads(grads, params, kern: ModuleType) -> None:
     if not isinstance(grads, Mapping):
         raise TypeError(f"grads must be a dict of str -> ndarray, got {type(grads).__name__}")
     missing = sorted(set(params) - set(grads))
@@ -73,10 +81,17 @@ def _check_grads(grads, params) -> None:
         raise ValueError(f"grads must have exactly the keys of params; missing {missing[:5]}, unexpected {extra[:5]}")
     for k, p in params.items():
         g = grads[k]
-        if not isinstance(g, np.ndarray):
+        if not _is_array(g, kern):
             raise TypeError(f"grads[{k!r}] must be a numpy ndarray, got {type(g).__name__}")
-        if g.shape != p.shape:
-            raise ValueError(f"grads[{k!r}] must have the shape of params[{k!r}] {p.shape}, got {g.shape}")
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"grads[{k!r}] must have the shape of params[{k!r}] {tuple(p.shape)}, "
+                             f"got {tuple(g.shape)}")
+
+
+def _host_copy(kern: ModuleType, a) -> np.ndarray:
+    """A NumPy copy of a native array (one copy, also on the host backends)."""
+    h = kern.to_host(a)
+    return h.copy() if h is a else h
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,12 +115,13 @@ class Adam:
         L2 penalty :math:`\\lambda` added to the gradient (``g + lambda * theta``, classic Adam).
         Use :class:`AdamW` for decoupled weight decay.
     backend : {"cpu", "numpy", "cuda"}, default "cpu"
-        Kernel backend whose ``adam_update`` performs the element-wise update.
+        Kernel backend whose ``adam_update`` performs the element-wise update; ``params`` must be its
+        native arrays (device arrays on "cuda").
 
     Attributes
     ----------
-    m, v : dict[str, ndarray]
-        First and second moment estimates (same keys, shapes and dtypes as ``params``).
+    m, v : dict[str, array]
+        First and second moment estimates (same keys, shapes and dtypes as ``params``; native arrays).
     step_count : int
         Number of steps taken.
 
@@ -121,7 +137,6 @@ class Adam:
 
     def __init__(self, params: Mapping[str, np.ndarray], lr: float = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, backend: str = "cpu"):
-        self.params = _check_params(params)
         self.lr = _check_float(lr, "lr", lo=0.0)
         try:
             b1, b2 = betas
@@ -131,10 +146,11 @@ class Adam:
                       _check_float(b2, "betas[1]", lo=0.0, hi=1.0, hi_open=True))
         self.eps = _check_float(eps, "eps", lo=0.0)
         self.weight_decay = _check_float(weight_decay, "weight_decay", lo=0.0)
-        self.backend = backend
         self._kernels = get_backend(backend)
-        self.m = {k: np.zeros_like(p) for k, p in self.params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in self.params.items()}
+        self.backend = backend_name(self._kernels)
+        self.params = _check_params(params, self._kernels)
+        self.m = {k: self._kernels.zeros(tuple(p.shape), p.dtype) for k, p in self.params.items()}
+        self.v = {k: self._kernels.zeros(tuple(p.shape), p.dtype) for k, p in self.params.items()}
         self.step_count = 0
 
     def __repr__(self) -> str:
@@ -146,21 +162,22 @@ class Adam:
 
         Gradients of another float dtype are cast to the parameter's dtype; ``grads`` is not modified.
         """
-        _check_grads(grads, self.params)
+        kern = self._kernels
+        _check_grads(grads, self.params, kern)
         self.lr = _check_float(self.lr, "lr", lo=0.0)
         t = self.step_count + 1
         b1, b2 = self.betas
         decoupled_wd = self.weight_decay if self.decoupled else 0.0
         for k, p in self.params.items():
-            g = np.ascontiguousarray(grads[k], dtype=p.dtype)
+            g = kern.asarray(grads[k], p.dtype)
             if self.weight_decay != 0.0 and not self.decoupled:
-                g = g + np.asarray(self.weight_decay, dtype=p.dtype) * p  # L2 penalty (new array)
-            self._kernels.adam_update(p, g, self.m[k], self.v[k], self.lr, b1, b2, self.eps, decoupled_wd, t)
+                g = kern.axpy_(kern.copy(g), p, self.weight_decay)  # L2 penalty g + wd p (a new array)
+            kern.adam_update(p, g, self.m[k], self.v[k], self.lr, b1, b2, self.eps, decoupled_wd, t)
         self.step_count = t
 
     # ---- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The optimizer state as a flat dict of arrays and scalars (copies).
+        """The optimizer state as a flat dict of NumPy arrays and scalars (copies, also on "cuda").
 
         Keys: ``"step"`` (int), ``"lr"``, ``"beta1"``, ``"beta2"``, ``"eps"``, ``"weight_decay"`` (float),
         ``"m/<key>"`` and ``"v/<key>"`` (ndarray) for every parameter key.
@@ -168,8 +185,8 @@ class Adam:
         d: dict = {"step": int(self.step_count), "lr": float(self.lr), "beta1": self.betas[0],
                    "beta2": self.betas[1], "eps": self.eps, "weight_decay": self.weight_decay}
         for k in self.params:
-            d[f"m/{k}"] = self.m[k].copy()
-            d[f"v/{k}"] = self.v[k].copy()
+            d[f"m/{k}"] = _host_copy(self._kernels, self.m[k])
+            d[f"v/{k}"] = _host_copy(self._kernels, self.v[k])
         return d
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -192,9 +209,9 @@ class Adam:
         for k, p in self.params.items():
             for prefix in ("m", "v"):
                 a = np.asarray(state[f"{prefix}/{k}"])
-                if a.shape != p.shape:
+                if a.shape != tuple(p.shape):
                     raise ValueError(f"optimizer state {prefix}/{k} has shape {a.shape}, "
-                                     f"parameter {k!r} has shape {p.shape}")
+                                     f"parameter {k!r} has shape {tuple(p.shape)}")
                 if not np.issubdtype(a.dtype, np.floating):
                     raise ValueError(f"optimizer state {prefix}/{k} must be a float array, got dtype {a.dtype}")
         step = _check_int(np.asarray(state["step"]).item(), "state['step']")
@@ -204,8 +221,8 @@ class Adam:
         eps = _check_float(np.asarray(state["eps"]).item(), "state['eps']", lo=0.0)
         wd = _check_float(np.asarray(state["weight_decay"]).item(), "state['weight_decay']", lo=0.0)
         for k in self.params:
-            self.m[k][...] = state[f"m/{k}"]
-            self.v[k][...] = state[f"v/{k}"]
+            self._kernels.copy_into(self.m[k], np.asarray(state[f"m/{k}"], dtype=self.m[k].dtype))
+            self._kernels.copy_into(self.v[k], np.asarray(state[f"v/{k}"], dtype=self.v[k].dtype))
         self.step_count, self.lr, self.betas, self.eps, self.weight_decay = step, lr, (b1, b2), eps, wd
 
 
@@ -228,18 +245,20 @@ class AdamW(Adam):
 # Gradient clipping
 # --------------------------------------------------------------------------------------------------
 
-def global_norm(arrays: Mapping[str, np.ndarray]) -> float:
-    """Global L2 norm :math:`\\sqrt{\\sum_k \\lVert a_k \\rVert_2^2}` over all arrays, accumulated in float64."""
+def global_norm(arrays: Mapping[str, np.ndarray], *, backend: str | ModuleType = "numpy") -> float:
+    """Global L2 norm :math:`\\sqrt{\\sum_k \\lVert a_k \\rVert_2^2}` over all arrays, accumulated in float64
+    (each array's sum of squares by the backend's ``sumsq``, in the dict's order)."""
+    kern = get_backend(backend)
     total = 0.0
     for k, a in arrays.items():
-        if not isinstance(a, np.ndarray):
+        if not _is_array(a, kern):
             raise TypeError(f"grads[{k!r}] must be a numpy ndarray, got {type(a).__name__}")
-        flat = a.astype(np.float64, copy=False).reshape(-1)
-        total += float(np.einsum("i,i->", flat, flat))  # no BLAS: see difnumpy.trainer.loss_and_grads
+        total += kern.sumsq(kern.asarray(a))
     return math.sqrt(total)
 
 
-def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float | None) -> float:
+def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float | None, *,
+                   backend: str | ModuleType = "numpy") -> float:
     """Scale all gradients in place so that their global L2 norm is at most ``max_norm``.
 
     Parameters
@@ -248,6 +267,7 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float | None) -> f
         Gradients, modified in place.
     max_norm : float > 0, or None
         Largest allowed global norm. ``None`` (or ``inf``) only measures the norm.
+    backend : {"numpy", "cpu", "cuda"}, the kernels (and native arrays) of ``grads``
 
     Returns
     -------
@@ -271,12 +291,13 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float | None) -> f
             raise ValueError(f"max_norm must be > 0 (or None / inf for no clipping), got {max_norm!r}")
         if math.isinf(max_norm):
             max_norm = None
-    total = global_norm(grads)
+    kern = get_backend(backend)
+    total = global_norm(grads, backend=kern)
     if max_norm is None or not math.isfinite(total) or total <= max_norm:
         return total
     scale = max_norm / (total + 1e-6)
     for a in grads.values():
-        a *= np.asarray(scale, dtype=a.dtype)
+        kern.scale_(a, scale)
     return total
 
 
@@ -307,27 +328,30 @@ class EMA:
         Use ``d_n = min(decay, (1 + n) / (10 + n))`` at the n-th update (n = 0, 1, ...), as diffusers'
         ``EMAModel`` does: early on the average forgets the random initialisation quickly instead of
         holding ``decay ** n`` of it (0.999 ** 400 = 0.67 after 400 steps without warm-up).
+    backend : {"numpy", "cpu", "cuda"}, default "numpy"
+        The kernels of the update (``ema_update``); ``params`` are its native arrays.
 
     Attributes
     ----------
-    params : dict[str, ndarray]
-        The EMA arrays (same keys, shapes and dtypes as the tracked parameters).
+    params : dict[str, array]
+        The EMA arrays (same keys, shapes and dtypes as the tracked parameters; native arrays).
     num_updates : int
     """
 
     def __init__(self, params: Mapping[str, np.ndarray], decay: float = 0.999, copy: bool = True,
-                 warmup: bool = True):
+                 warmup: bool = True, backend: str | ModuleType = "numpy"):
         self.decay = _check_float(decay, "decay", lo=0.0, hi=1.0)
         self.warmup = bool(warmup)
+        self._kernels = kern = get_backend(backend)
         if copy:
             if not isinstance(params, Mapping):
                 raise TypeError(f"params must be a dict of str -> ndarray, got {type(params).__name__}")
             for k, p in params.items():
-                if not isinstance(p, np.ndarray) or p.dtype not in (np.float32, np.float64):
+                if not _is_array(p, kern) or np.dtype(p.dtype) not in (np.float32, np.float64):
                     raise TypeError(f"params[{k!r}] must be a float32/float64 ndarray")
-            self.params = {k: np.array(p, copy=True, order="C") for k, p in params.items()}
+            self.params = {k: kern.copy(kern.asarray(p)) for k, p in params.items()}
         else:
-            self.params = _check_params(params)  # the caller's dict itself, updated in place
+            self.params = _check_params(params, kern)  # the caller's dict itself, updated in place
         self.num_updates = 0
 
     def update(self, params: Mapping[str, np.ndarray]) -> None:
@@ -337,11 +361,9 @@ class EMA:
         d = self.current_decay()
         for k, e in self.params.items():
             p = params[k]
-            if p.shape != e.shape:
-                raise ValueError(f"params[{k!r}] has shape {p.shape}, the EMA holds {e.shape}")
-            # e = d * e + (1 - d) * p, in the EMA arrays' dtype, without a temporary for d * e.
-            e *= np.asarray(d, dtype=e.dtype)
-            e += np.asarray(1.0 - d, dtype=e.dtype) * p.astype(e.dtype, copy=False)
+            if tuple(p.shape) != tuple(e.shape):
+                raise ValueError(f"params[{k!r}] has shape {tuple(p.shape)}, the EMA holds {tuple(e.shape)}")
+            self._kernels.ema_update(e, self._kernels.asarray(p, e.dtype), d)
         self.num_updates += 1
 
     def current_decay(self) -> float:
@@ -351,11 +373,15 @@ class EMA:
     def copy_to(self, params: Mapping[str, np.ndarray]) -> None:
         """Copy the EMA values into ``params`` (in place)."""
         for k, e in self.params.items():
-            params[k][...] = e
+            if isinstance(params[k], np.ndarray):
+                params[k][...] = self._kernels.to_host(e)
+            else:
+                self._kernels.copy_into(params[k], e)
 
     def state_dict(self) -> dict:
+        """``decay``, ``num_updates`` and ``params/<key>`` (NumPy copies, also on "cuda")."""
         d: dict = {"decay": self.decay, "num_updates": self.num_updates}
-        d.update({f"params/{k}": e.copy() for k, e in self.params.items()})
+        d.update({f"params/{k}": _host_copy(self._kernels, e) for k, e in self.params.items()})
         return d
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -365,12 +391,12 @@ class EMA:
                              f"unexpected {sorted(set(state) - expected)[:5]}")
         for k, e in self.params.items():
             a = np.asarray(state[f"params/{k}"])
-            if a.shape != e.shape:
-                raise ValueError(f"EMA state params/{k} has shape {a.shape}, expected {e.shape}")
+            if a.shape != tuple(e.shape):
+                raise ValueError(f"EMA state params/{k} has shape {a.shape}, expected {tuple(e.shape)}")
         self.decay = _check_float(np.asarray(state["decay"]).item(), "state['decay']", lo=0.0, hi=1.0)
         self.num_updates = _check_int(np.asarray(state["num_updates"]).item(), "state['num_updates']")
         for k, e in self.params.items():
-            e[...] = state[f"params/{k}"]
+            self._kernels.copy_into(e, np.asarray(state[f"params/{k}"], dtype=e.dtype))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from difnumpy._validation import as_generator
 from difnumpy.kernels import check_backend, get_backend
 from difnumpy.nn import layers as L
 
@@ -45,9 +46,6 @@ __all__ = ["UNet"]
 
 GN_EPS = 1e-5
 """The GroupNorm epsilon (PyTorch's default)."""
-
-_RES_KEYS = ("norm1.gamma", "norm1.beta", "conv1.w", "conv1.b", "temb.w", "temb.b",
-             "norm2.gamma", "norm2.beta", "conv2.w", "conv2.b")
 
 
 def _as_int(name: str, v, minimum: int) -> int:
@@ -68,16 +66,6 @@ def _as_dtype(dtype) -> np.dtype:
     return dt
 
 
-def _as_rng(rng) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_))):
-        if rng is not None and rng < 0:
-            raise ValueError(f"rng must be a non-negative int seed, None or a numpy Generator, got {rng}")
-        return np.random.default_rng(rng)
-    raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
-
-
 class UNet:
     """The reference U-Net ``eps_theta(x_t, t)`` (see the module docstring for the architecture).
 
@@ -90,13 +78,15 @@ class UNet:
     groups : int, GroupNorm groups; must divide every normalised channel count
     dtype : float32 or float64, dtype of the parameters and activations
     rng : numpy.random.Generator, int seed or None, for the initial parameters
-    backend : {"numpy", "cpu", "cuda"}, kernels for conv and GroupNorm(+SiLU)
+    backend : {"numpy", "cpu", "cuda"}, the kernel backend every op of the graph runs on
 
     Attributes
     ----------
-    params : dict[str, ndarray], stable keys in forward order, arrays of ``dtype``
+    params : dict[str, array], stable keys in forward order, arrays of ``dtype``: the backend's native
+        arrays (NumPy arrays on "numpy" and "cpu", device arrays on "cuda"; :meth:`host_params` gives
+        NumPy arrays on every backend)
     config : dict, plain JSON-able; ``UNet(**model.config)`` rebuilds the architecture
-    backend : str, settable (switches the kernels; parameters are unchanged)
+    backend : str, settable (moves the parameters to the new backend's arrays; values unchanged)
 
     Notes
     -----
@@ -104,6 +94,11 @@ class UNet:
     ``2 ** (len(channel_mults) - 1)`` (e.g. 8x8 or 28x28 for two levels); ``x`` is cast to the
     model's dtype and the output has the model's dtype. ``t`` holds integer timesteps >= 0, shape
     (N,), or one int for the whole batch. The timestep embedding is computed in float64 and cast.
+
+    One graph serves every backend: each op is a call of the backend API
+    (:data:`difnumpy.kernels.api.BACKEND_API`) on the backend's native arrays, so on "cuda" the
+    parameters and every activation stay on the device. Results come back in the kind of array given:
+    a NumPy ``x`` (or ``dout``) gives NumPy outputs (copied down once), a device ``x`` device outputs.
     """
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: Sequence[int] = (1, 2),
@@ -120,8 +115,12 @@ class UNet:
         self.num_res_blocks = _as_int("num_res_blocks", num_res_blocks, 1)
         self.groups = _as_int("groups", groups, 1)
         self.dtype = _as_dtype(dtype)
-        self.backend = backend          # validates and resolves the kernel module
-        rng = _as_rng(rng)
+        if isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)) and rng < 0:
+            raise ValueError(f"rng must be a non-negative int seed, None or a numpy Generator, got {rng}")
+        rng = as_generator(rng)
+        check_backend(backend)
+        self._backend = backend
+        self._kern = get_backend(backend)
 
         self._build_plan()
         bad = sorted({c for c in self._norm_channels if c % self.groups})
@@ -141,8 +140,20 @@ class UNet:
     @backend.setter
     def backend(self, name: str) -> None:
         check_backend(name)
-        self._kern = get_backend(name)
+        kern = get_backend(name)
+        if kern is not self._kern:  # the parameters move to the new backend's arrays
+            self.params = {k: kern.asarray(self._kern.to_host(v)) for k, v in self.params.items()}
+        self._kern = kern
         self._backend = name
+
+    @property
+    def kernels(self):
+        """The kernel module of :attr:`backend` (the backend API)."""
+        return self._kern
+
+    def host_params(self) -> dict[str, np.ndarray]:
+        """The parameters as NumPy arrays: :attr:`params` itself on host backends, copies on "cuda"."""
+        return {k: self._kern.to_host(v) for k, v in self.params.items()}
 
     @property
     def num_levels(self) -> int:
@@ -234,7 +245,7 @@ class UNet:
                 fan_in = int(init.split(":")[1]) if ":" in init else int(np.prod(shape[1:]))
                 bound = 1.0 / np.sqrt(fan_in)
                 a = rng.uniform(-bound, bound, size=shape)
-            self.params[key] = np.ascontiguousarray(a, dtype=self.dtype)
+            self.params[key] = self._kern.asarray(a, self.dtype)
 
     def num_params(self) -> int:
         """Total number of scalar parameters."""
@@ -242,6 +253,9 @@ class UNet:
 
     def set_params(self, params: dict[str, np.ndarray], copy: bool = True) -> None:
         """Replace the parameters with ``params`` (same keys and shapes; cast to the model's dtype).
+
+        ``params`` may hold NumPy arrays or this backend's native arrays; they are copied to the
+        backend (``copy=False`` lets host arrays of the right dtype be used as they are on host backends).
 
         Raises
         ------
@@ -258,21 +272,23 @@ class UNet:
                              f"{'...' if len(extra) > 5 else ''}")
         new = {}
         for k, (shape, _) in self._shapes.items():
-            a = np.asarray(params[k])
+            a = params[k]
+            a = self._kern.to_host(a) if self._kern.is_array(a) else np.asarray(a)
             if a.shape != shape:
                 raise ValueError(f"params[{k!r}] must have shape {shape}, got {a.shape}")
             if not np.issubdtype(a.dtype, np.floating):
                 raise TypeError(f"params[{k!r}] must be a float array, got {a.dtype}")
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"params[{k!r}] holds non-finite values")
-            new[k] = np.array(a, dtype=self.dtype, order="C", copy=True) if copy \
+            a = np.array(a, dtype=self.dtype, order="C", copy=True) if copy \
                 else np.ascontiguousarray(a, dtype=self.dtype)
+            new[k] = self._kern.asarray(a)
         self.params = new
 
     def copy(self) -> "UNet":
         """A new UNet with the same config and a copy of the parameters."""
         other = UNet(**self.config, rng=0)
-        other.set_params(self.params, copy=True)
+        other.set_params(self.host_params(), copy=True)
         return other
 
     def __repr__(self) -> str:
@@ -281,21 +297,26 @@ class UNet:
 
     # ---------------------------------------------------------------- input checks
 
-    def _check_inputs(self, x, t) -> tuple[np.ndarray, np.ndarray]:
-        if not isinstance(x, np.ndarray):
+    def _check_inputs(self, x, t):
+        native = not isinstance(x, np.ndarray) and self._kern.is_array(x)
+        if not native:
             x = np.asarray(x)
-        if x.dtype == bool or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        dt = np.dtype(x.dtype)
+        if dt == bool or not (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.integer)):
             raise TypeError(f"x must be a real numeric array, got dtype {x.dtype}")
-        if x.ndim != 4:
-            raise ValueError(f"x must have shape (N, C, H, W), got shape {x.shape}")
-        N, C, H, W = x.shape
+        if native and dt != self.dtype:
+            raise TypeError(f"x must have the model's dtype {self.dtype} when it is a device array, got {dt}")
+        shape = tuple(int(s) for s in x.shape)
+        if len(shape) != 4:
+            raise ValueError(f"x must have shape (N, C, H, W), got shape {shape}")
+        N, C, H, W = shape
         if C != self.in_channels:
-            raise ValueError(f"x must have {self.in_channels} channels (in_channels), got shape {x.shape}")
+            raise ValueError(f"x must have {self.in_channels} channels (in_channels), got shape {shape}")
         div = 2 ** (self.num_levels - 1)
         if N == 0 or H == 0 or W == 0 or H % div or W % div:
             raise ValueError(f"x must have N >= 1 and H, W positive and divisible by {div} "
-                             f"(2**(levels-1)), got shape {x.shape}")
-        x = np.ascontiguousarray(x, dtype=self.dtype)
+                             f"(2**(levels-1)), got shape {shape}")
+        x = self._kern.asarray(x, self.dtype)
 
         ta = np.asarray(t)
         if ta.dtype == bool or not (np.issubdtype(ta.dtype, np.integer) or np.issubdtype(ta.dtype, np.floating)):
@@ -318,22 +339,22 @@ class UNet:
         h, c_n1 = L.group_norm_silu_forward(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], g, GN_EPS,
                                             backend=k)
         h, c_c1 = L.conv2d_forward(h, P[key + ".conv1.w"], P[key + ".conv1.b"], 1, 1, backend=k)
-        tp, c_t = L.linear_forward(temb_act, P[key + ".temb.w"], P[key + ".temb.b"])
-        h += tp[:, :, None, None]
+        tp, c_t = L.linear_forward(temb_act, P[key + ".temb.w"], P[key + ".temb.b"], backend=k)
+        k.add_channel_bias_(h, tp)
         h, c_n2 = L.group_norm_silu_forward(h, P[key + ".norm2.gamma"], P[key + ".norm2.beta"], g, GN_EPS,
                                             backend=k)
         h, c_c2 = L.conv2d_forward(h, P[key + ".conv2.w"], P[key + ".conv2.b"], 1, 1, backend=k)
         if has_skip:
             s, c_s = L.conv2d_forward(x, P[key + ".skip.w"], P[key + ".skip.b"], 1, 0, backend=k)
-            h += s
+            k.add_(h, s)
         else:
             c_s = None
-            h += x
+            k.add_(h, x)
         return h, ((c_n1, c_c1, c_t, c_n2, c_c2, c_s) if keep else None)
 
     def _scope(self):
         """The backend's context for a whole pass (the numba backend holds BLAS to one thread)."""
-        scope = getattr(self._kern, "_step_scope", None)
+        scope = getattr(self._kern, "step_scope", None)
         return scope() if scope is not None else contextlib.nullcontext()
 
     def _shares(self, n: int):
@@ -342,25 +363,28 @@ class UNet:
         return split(n) if split is not None else None
 
     def _forward(self, x, t, keep: bool):
+        given_host = isinstance(x, np.ndarray) or not self._kern.is_array(x)
         with self._scope():
             x, t = self._check_inputs(x, t)
             shares = self._shares(x.shape[0])
             if shares is None:
-                return self._forward_impl(x, t, keep)
-            # data parallel: each thread runs the whole pass on its images (kernels single-threaded)
-            parts = self._kern.run_shares(lambda k, a, b: self._forward_impl(x[a:b], t[a:b], keep), shares)
-            out = np.concatenate([p[0] for p in parts])
-            return out, ({"shares": shares, "parts": [p[1] for p in parts]} if keep else None)
+                out, cache = self._forward_impl(x, t, keep)
+            else:
+                # data parallel (host backends): each thread runs the whole pass on its images
+                parts = self._kern.run_shares(lambda k, a, b: self._forward_impl(x[a:b], t[a:b], keep), shares)
+                out = np.concatenate([p[0] for p in parts])
+                cache = {"shares": shares, "parts": [p[1] for p in parts]} if keep else None
+        return (self._kern.to_host(out) if given_host else out), cache
 
     def _forward_impl(self, x, t, keep: bool):
         # x, t: already checked by _forward (once for the whole batch, not once per share)
         P, k = self.params, self._kern
-        # time embedding (float64 sinusoid, cast to the model dtype)
-        e = L.timestep_embedding(t, self.base_channels, dtype=self.dtype)
-        e, c_l1 = L.linear_forward(e, P["time.lin1.w"], P["time.lin1.b"])
-        e, c_a1 = L.silu_forward(e)
-        e, c_l2 = L.linear_forward(e, P["time.lin2.w"], P["time.lin2.b"])
-        temb_act, c_a2 = L.silu_forward(e)          # SiLU(temb), shared by every ResBlock
+        # time embedding (float64 sinusoid on the host, cast to the model dtype)
+        e = k.asarray(L.timestep_embedding(t, self.base_channels, dtype=self.dtype))
+        e, c_l1 = L.linear_forward(e, P["time.lin1.w"], P["time.lin1.b"], backend=k)
+        e, c_a1 = L.silu_forward(e, backend=k)
+        e, c_l2 = L.linear_forward(e, P["time.lin2.w"], P["time.lin2.b"], backend=k)
+        temb_act, c_a2 = L.silu_forward(e, backend=k)  # SiLU(temb), shared by every ResBlock
 
         h, c_stem = L.conv2d_forward(x, P["stem.w"], P["stem.b"], 1, 1, backend=k)
         skips: list[np.ndarray] = []
@@ -426,7 +450,8 @@ class UNet:
         return self._forward(x, t, keep=True)
 
     def __call__(self, x, t) -> np.ndarray:
-        """Inference forward pass (no cache kept): ``model(x_t, t) -> output``, shape of ``x``."""
+        """Inference forward pass (no cache kept): ``model(x_t, t) -> output``, shape of ``x``
+        (a NumPy array for a NumPy ``x``, a native array for a native one)."""
         return self._forward(x, t, keep=False)[0]
 
     # ---------------------------------------------------------------- backward
@@ -439,11 +464,11 @@ class UNet:
             dx_skip = dout
         dh, grads[key + ".conv2.w"], grads[key + ".conv2.b"] = L.conv2d_backward(dout, c_c2)
         dh, grads[key + ".norm2.gamma"], grads[key + ".norm2.beta"] = L.group_norm_silu_backward(dh, c_n2)
-        dtp = dh.reshape(*dh.shape[:2], -1).sum(axis=2)  # one contiguous axis: faster than (2, 3)
+        dtp = self._kern.sum_hw(dh)     # the gradient of add_channel_bias_
         dtemb_act, grads[key + ".temb.w"], grads[key + ".temb.b"] = L.linear_backward(dtp, c_t)
         dh, grads[key + ".conv1.w"], grads[key + ".conv1.b"] = L.conv2d_backward(dh, c_c1)
         dx, grads[key + ".norm1.gamma"], grads[key + ".norm1.beta"] = L.group_norm_silu_backward(dh, c_n1)
-        dx += dx_skip                   # kernels return fresh arrays, so in place is safe
+        self._kern.add_(dx, dx_skip)    # kernels return fresh arrays, so in place is safe
         return dx, dtemb_act
 
     def backward(self, dout: np.ndarray, cache: dict, return_input_grad: bool = False):
@@ -457,37 +482,47 @@ class UNet:
 
         Returns
         -------
-        grads : dict[str, ndarray], the keys of :attr:`params` (same order, shapes and dtype)
-        dx : ndarray, shape of ``x`` (only if ``return_input_grad``)
+        grads : dict[str, array], the keys of :attr:`params` (same order, shapes and dtype); NumPy
+            arrays for a NumPy ``dout``, native arrays for a native one
+        dx : array, shape of ``x`` (only if ``return_input_grad``)
         """
         if not isinstance(cache, dict) or not ("out" in cache or "shares" in cache):
             raise ValueError("cache must be the dict returned by UNet.forward")
+        k = self._kern
+        given_host = isinstance(dout, np.ndarray) or not k.is_array(dout)
+        if given_host:
+            dout = np.asarray(dout)
         if "shares" not in cache:
             with self._scope():
-                return self._backward_impl(dout, cache, return_input_grad)
-        shares, parts = cache["shares"], cache["parts"]
-        dout = np.asarray(dout)
-        out_shape = (shares[-1][1], self.in_channels) + parts[0]["out"][1][0].shape[2:]  # (out conv's input)
-        if dout.shape != out_shape:
-            raise ValueError(f"dout must have the output's shape {out_shape}, got {dout.shape}")
-        with self._scope():
-            res = self._kern.run_shares(
-                lambda k, a, b: self._backward_impl(dout[a:b], parts[k], return_input_grad), shares)
-        if return_input_grad:
-            res, dxs = [r[0] for r in res], [r[1] for r in res]
-        grads = res[0]
-        for r in res[1:]:  # fixed order: the same thread count gives the same bits
-            for key, v in r.items():
-                grads[key] += v
-        return (grads, np.concatenate(dxs)) if return_input_grad else grads
+                res = self._backward_impl(dout, cache, return_input_grad)
+        else:
+            shares, parts = cache["shares"], cache["parts"]
+            out_shape = (shares[-1][1], self.in_channels) + parts[0]["out"][1][0].shape[2:]  # (out conv's input)
+            if tuple(dout.shape) != out_shape:
+                raise ValueError(f"dout must have the output's shape {out_shape}, got {tuple(dout.shape)}")
+            with self._scope():
+                parts_res = k.run_shares(
+                    lambda j, a, b: self._backward_impl(dout[a:b], parts[j], return_input_grad), shares)
+            if return_input_grad:
+                parts_res, dxs = [r[0] for r in parts_res], [r[1] for r in parts_res]
+            grads = parts_res[0]
+            for r in parts_res[1:]:  # summed in share order: the result does not depend on the threads
+                for key, v in r.items():
+                    k.add_(grads[key], v)
+            res = (grads, np.concatenate(dxs)) if return_input_grad else grads
+        if not given_host:
+            return res
+        if return_input_grad:  # NumPy in, NumPy out (a no-op on host backends)
+            return {key: k.to_host(v) for key, v in res[0].items()}, k.to_host(res[1])
+        return {key: k.to_host(v) for key, v in res.items()}
 
     def _backward_impl(self, dout, cache: dict, return_input_grad: bool):
         c_on, c_oc = cache["out"]
-        dout = np.asarray(dout)
-        out_shape = (c_oc[0].shape[0], self.in_channels) + c_oc[0].shape[2:]
-        if dout.shape != out_shape:
-            raise ValueError(f"dout must have the output's shape {out_shape}, got {dout.shape}")
-        dout = np.ascontiguousarray(dout, dtype=self.dtype)
+        out_shape = (int(c_oc[0].shape[0]), self.in_channels) + tuple(int(s) for s in c_oc[0].shape[2:])
+        if tuple(dout.shape) != out_shape:
+            raise ValueError(f"dout must have the output's shape {out_shape}, got {tuple(dout.shape)}")
+        k = self._kern
+        dout = k.asarray(dout, self.dtype)
         g: dict[str, np.ndarray] = {}
 
         dh, g["out.conv.w"], g["out.conv.b"] = L.conv2d_backward(dout, c_oc)
@@ -499,7 +534,7 @@ class UNet:
                 _, key, _has_skip, sidx = op
                 c_cat, c_res = c
                 dh, dt = self._res_backward(key, dh, c_res, g)
-                dtemb = dt if dtemb is None else _iadd(dtemb, dt)
+                dtemb = dt if dtemb is None else k.add_(dtemb, dt)
                 dh, dskips[sidx] = L.concat_backward(dh, c_cat)
             else:
                 key = op[1]
@@ -507,14 +542,14 @@ class UNet:
                 dh, g[key + ".w"], g[key + ".b"] = L.conv2d_backward(dh, c_conv)
                 dh = L.upsample_nearest_backward(dh, c_up)
         dh, dt = self._res_backward(self._mid[0], dh, cache["mid"], g)
-        dtemb = dt if dtemb is None else _iadd(dtemb, dt)
+        dtemb = dt if dtemb is None else k.add_(dtemb, dt)
         for op, c in zip(reversed(self._down), reversed(cache["down"])):
             if op[0] == "res":
                 _, key, _has_skip, sidx = op
-                dh += dskips[sidx]          # the skip's gradient from the up path's concat
+                k.add_(dh, dskips[sidx])    # the skip's gradient from the up path's concat
                 dskips[sidx] = None
                 dh, dt = self._res_backward(key, dh, c, g)
-                dtemb = _iadd(dtemb, dt)
+                k.add_(dtemb, dt)
             else:
                 key = op[1]
                 dh, g[key + ".w"], g[key + ".b"] = L.conv2d_backward(dh, c)
@@ -526,11 +561,5 @@ class UNet:
         de = L.silu_backward(de, c_a1)
         _, g["time.lin1.w"], g["time.lin1.b"] = L.linear_backward(de, c_l1)
 
-        grads = {key: np.ascontiguousarray(g[key], dtype=self.dtype) for key in self.params}
+        grads = {key: k.asarray(g[key], self.dtype) for key in self.params}
         return (grads, dx) if return_input_grad else grads
-
-
-def _iadd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a += b`` when ``a`` is a writeable array we own, returning ``a``."""
-    a += b
-    return a
