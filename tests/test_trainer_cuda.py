@@ -141,7 +141,8 @@ class _TransferLog:
             return copy_to_host(arr, *a, **kw)
 
         def logged_copy_to_device(arr, ary, *a, **kw):
-            self.up.append(np.asarray(ary).nbytes)
+            if isinstance(ary, np.ndarray):  # host to device (device-to-device copies stay on the device)
+                self.up.append(ary.nbytes)
             return copy_to_device(arr, ary, *a, **kw)
 
         monkeypatch.setattr(nbcuda, "to_device", logged_to_device)
