@@ -2,7 +2,7 @@
 
 In the style of cs231n's ``gradient_check.py``: perturb one coordinate of an input by ``+-h``,
 re-evaluate, and take ``(f(x + h) - f(x - h)) / (2h)``, an O(h^2)-accurate derivative.
-Run these checks in float64 (DESIGN.md, convention 7): with ``h = 1e-5`` the truncation error is
+Run these checks in float64 (ARCHITECTURE.md, convention 7): with ``h = 1e-5`` the truncation error is
 about ``h^2 |f'''|`` and the rounding error about ``1e-16 |f| / h``, both ~1e-10, so a correct
 backward agrees to a relative error well below 1e-6 while a wrong one is off by O(1).
 """

@@ -2,7 +2,7 @@
 
 Every layer is a pair ``name_forward(x, *params, **hp) -> (out, cache)`` and
 ``name_backward(dout, cache) -> (dx, *dparams)``; no layer keeps hidden state between calls
-(DESIGN.md, convention 1). Images are NCHW, conv weights ``(F, C, KH, KW)``, linear weights
+(ARCHITECTURE.md, convention 1). Images are NCHW, conv weights ``(F, C, KH, KW)``, linear weights
 ``(out_features, in_features)`` (PyTorch layout). Activations are float32 or float64; parameters
 must have the activation's dtype and outputs keep it.
 
