@@ -1,7 +1,10 @@
 """Small helpers shared by the benchmark scripts (timing, machine info, JSON, tables).
 
 API: ``time_call(fn, repeats, warmup=1) -> median seconds``, ``machine_info() -> dict``,
-``write_json(path, obj)`` (atomic), ``print_table(rows, headers)``, ``set_threads(n) -> dict``.
+``write_json(path, obj)`` (atomic), ``print_table(rows, headers)``, ``set_threads(n) -> dict``;
+for comparisons against a baseline (DESIGN.md convention 10): ``warm_until_stable(fns) -> report``
+then ``time_interleaved(fns, repeats) -> {name: [seconds]}``, every contender warmed until its step
+time is stable and all of them timed in alternation in the same process.
 """
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-__all__ = ["time_call", "machine_info", "write_json", "print_table", "set_threads"]
+__all__ = ["time_call", "warm_until_stable", "time_interleaved", "run_interleaved", "machine_info",
+           "write_json", "print_table", "set_threads", "warmup_note"]
 
 _TP_LIMITER = None  # keeps the threadpoolctl limit alive for the process
 
@@ -34,6 +38,128 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return float(statistics.median(times))
+
+
+def _round_order(names: Sequence[str], r: int) -> Sequence[str]:
+    """Round r's calling order: forwards on even rounds, backwards on odd ones, so that no contender
+    always runs right after the same other one (caches, thread pools, clock boost)."""
+    return names if r % 2 == 0 else names[::-1]
+
+
+def _is_stable(times: Sequence[float], min_steps: int, block: int, rtol: float) -> bool:
+    """At least ``min_steps`` steps and the medians of the last two blocks of ``block`` steps agree within rtol."""
+    if len(times) < max(min_steps, 2 * block):
+        return False
+    last = statistics.median(times[-block:])
+    prev = statistics.median(times[-2 * block:-block])
+    return abs(last - prev) <= rtol * prev
+
+
+def warm_until_stable(fns: Mapping[str, Callable[[], Any]], *, min_steps: int = 5, block: int = 3,
+                      rtol: float = 0.05, max_steps: int = 60, max_seconds: float | None = None,
+                      untimed: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Warm every contender, interleaved, until its step time is stable.
+
+    Parameters
+    ----------
+    fns : mapping name -> callable
+        One step of each contender (a training step, a forward pass, one sampler step).
+    min_steps : int
+        Every contender runs at least this many timed warm-up steps.
+    block, rtol : int, float
+        Stable means: the medians of the contender's last two non-overlapping blocks of ``block`` warm-up
+        steps agree within ``rtol`` (``|m_last - m_prev| <= rtol m_prev``). With the defaults: at least 6
+        steps, and two successive 3-step medians within 5 %.
+    max_steps, max_seconds :
+        Give up after this many rounds or seconds; the contenders not stable by then are reported with
+        ``stable=False`` (a benchmark prints that beside its figures rather than hiding it).
+    untimed : int
+        Calls of each contender before the first timed one (numba compilation, torch's one-off set-up:
+        never timed, never part of the stability test).
+    clock : callable
+        Seconds, monotonic (injectable for tests).
+
+    Returns
+    -------
+    report : dict name -> {"steps", "stable", "median_s", "prev_median_s", "times_s"}
+        ``steps``: timed warm-up steps; ``median_s`` / ``prev_median_s``: the last two block medians.
+
+    Notes
+    -----
+    Rounds call every contender once, alternating the order (:func:`_round_order`), and go on until all of
+    them are stable: the ones that settle early keep running beside the others, so none goes cold while
+    another warms, and a slow spell of the machine hits all of them.
+    """
+    names = list(fns)
+    if not names:
+        raise ValueError("fns must name at least one contender")
+    if min_steps < 1 or block < 1 or max_steps < 1:
+        raise ValueError(f"min_steps, block and max_steps must be >= 1, got {min_steps}, {block}, {max_steps}")
+    if not rtol > 0:
+        raise ValueError(f"rtol must be > 0, got {rtol}")
+    n_untimed = max(0, int(untimed))
+    for r in range(n_untimed):
+        for name in _round_order(names, r):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start = clock()
+    for r in range(int(max_steps)):
+        for name in _round_order(names, n_untimed + r):  # the alternation runs on across the untimed rounds
+            t0 = clock()
+            fns[name]()
+            times[name].append(clock() - t0)
+        if all(_is_stable(times[n], min_steps, block, rtol) for n in names):
+            break
+        if max_seconds is not None and clock() - start > max_seconds:
+            break
+    report = {}
+    for name in names:
+        ts = times[name]
+        report[name] = {
+            "steps": len(ts),
+            "stable": _is_stable(ts, min_steps, block, rtol),
+            "median_s": float(statistics.median(ts[-block:])),
+            "prev_median_s": float(statistics.median(ts[-2 * block:-block])) if len(ts) >= 2 * block else None,
+            "times_s": [float(t) for t in ts],
+        }
+    return report
+
+
+def run_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int | Mapping[str, int], *,
+                    clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Call the contenders in alternation, ``repeats`` rounds; return ``{name: [(seconds, fn's result), ...]}``.
+
+    ``repeats`` may be a mapping name -> count (a slow reference timed fewer times); a contender takes part in
+    the rounds up to its own count. The order alternates between rounds as in :func:`warm_until_stable`.
+    """
+    names = list(fns)
+    reps = {n: int(repeats[n] if isinstance(repeats, Mapping) else repeats) for n in names}
+    if any(v < 1 for v in reps.values()):
+        raise ValueError(f"repeats must be >= 1 for every contender, got {reps}")
+    out: dict[str, list] = {n: [] for n in names}
+    for r in range(max(reps.values())):
+        for name in _round_order(names, r):
+            if r >= reps[name]:
+                continue
+            t0 = clock()
+            res = fns[name]()
+            out[name].append((clock() - t0, res))
+    return out
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int | Mapping[str, int], *,
+                     clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Seconds of each call of each contender, timed in alternation: ``{name: [seconds, ...]}``.
+
+    Warm them first with :func:`warm_until_stable`; quote the ratio of the medians.
+    """
+    return {n: [t for t, _ in v] for n, v in run_interleaved(fns, repeats, clock=clock).items()}
+
+
+def warmup_note(report: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line: warm-up steps per contender, and which ones were not stable (their figures are doubtful)."""
+    parts = [f"{n} {r['steps']}{'' if r['stable'] else ' (NOT stable)'}" for n, r in report.items()]
+    return "warm-up steps: " + ", ".join(parts)
 
 
 def set_threads(n: int) -> dict:

@@ -17,10 +17,14 @@ Questions answered, each with its baseline timed in the same run:
    costs one multiply) give the per-step cost of everything but the network, which is reported beside the
    network's own per-step forward time (``model(x, t)`` timed alone) as a fraction.
 
-How it measures: every configuration is run once untimed first (numba compilation / loading, first-touch
-allocation, torch's one-off initialisation); then each full loop is timed ``--repeats`` times (DDPM-1000
-``--ddpm-repeats`` times, default 1) and the median is kept. Each loop is also timed step by step; the
-median step time x the number of steps is given as a noise-robust cross-check (``median_step_s``).
+How it measures: every implementation runs both loops once untimed first (numba compilation / loading,
+first-touch allocation, torch's one-off initialisation); then the implementations are warmed, interleaved,
+until each one's sampling-step time is stable (at least 5 steps and two successive 3-step medians within
+5 %: ``_common.warm_until_stable``); then each full loop is timed ``--repeats`` times (DDPM-1000
+``--ddpm-repeats`` times, default 1), the implementations alternating repeat by repeat in this process, and
+the median is kept; each ``cpu / torch`` ratio is printed beside both sides' images/s. Each loop is also
+timed step by step; the median step time x the number of steps is given as a noise-robust cross-check
+(``median_step_s``).
 With ``--ddpm-steps K`` (K < 1000) DDPM-1000 is NOT run to the end: the first K steps of the 1000-step
 loop are timed and the total is extrapolated x 1000/K; such rows are labelled ``extrapolated``.
 
@@ -44,7 +48,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import machine_info, print_table, set_threads, time_call, write_json  # noqa: E402
+from _common import (machine_info, print_table, run_interleaved, set_threads, time_call,  # noqa: E402
+                     warm_until_stable, warmup_note, write_json)
 
 import difnumpy  # noqa: E402
 from difnumpy.samplers import inference_timesteps, sample_progressive  # noqa: E402
@@ -133,42 +138,49 @@ def torch_loop(model, alphas_cumprod, x_T, method, num_steps, max_steps=None, se
 
 
 # ----------------------------------------------------------------------------- measurement
-def _timed(run, repeats):
-    """Median over ``repeats`` calls of run() -> (x, step_times): (wall s, median-step s x steps, steps)."""
-    walls, step_est, nsteps = [], [], 0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _, steps = run()
-        walls.append(time.perf_counter() - t0)
-        step_est.append(statistics.median(steps) * len(steps))
-        nsteps = len(steps)
-    return statistics.median(walls), statistics.median(step_est), nsteps
+WARMUP = {"min_steps": 5, "block": 3, "rtol": 0.05, "max_steps": 60, "max_seconds": 120.0}
 
 
-def bench_loops(impls, schedule, x_T, configs, repeats, ddpm_repeats, ddpm_steps):
-    """Time every (method, steps) config for every implementation. Returns a list of row dicts."""
+def bench_loops(impls, schedule, x_T, configs, repeats, ddpm_repeats, ddpm_steps, warmup=None):
+    """Time every (method, steps) config for every implementation. Returns (rows, warm-up report).
+
+    ``impls`` is a list of (name, make_run) with ``make_run(method, steps, max_steps) -> run`` and
+    ``run() -> (x, per-step seconds)``. The implementations are warmed together until their step times
+    are stable, then each config's repeats alternate between them.
+    """
+    warmup = dict(WARMUP if warmup is None else warmup)
     rows = []
     batch = x_T.shape[0]
     T = schedule.num_timesteps
     for name, make_run in impls:
-        # untimed warm-up: compiles / loads kernels, allocates, for both methods
+        # untimed: compiles / loads kernels, allocates, for both methods
         make_run("ddim", 2, None)()
         make_run("ddpm", T, 2)()
-        for method, steps in configs:
-            is_ddpm = method == "ddpm"
-            partial = is_ddpm and ddpm_steps is not None and ddpm_steps < steps
-            run = make_run(method, steps, ddpm_steps if partial else None)
-            wall, med, done = _timed(run, ddpm_repeats if is_ddpm else repeats)
+    # one sampler step (model call + update) per call, until every implementation's step time is stable
+    warm = warm_until_stable({name: make_run("ddim", 50, 1) for name, make_run in impls}, untimed=0, **warmup)
+    print(f"  {warmup_note(warm)}", flush=True)
+    for method, steps in configs:
+        is_ddpm = method == "ddpm"
+        partial = is_ddpm and ddpm_steps is not None and ddpm_steps < steps
+        runs = {name: make_run(method, steps, ddpm_steps if partial else None) for name, make_run in impls}
+        res = run_interleaved(runs, ddpm_repeats if is_ddpm else repeats)
+        for name, _ in impls:
+            walls = [wall for wall, _ in res[name]]
+            step_lists = [st for _, (_, st) in res[name]]
+            wall = statistics.median(walls)
+            med = statistics.median([statistics.median(st) * len(st) for st in step_lists])
+            done = len(step_lists[0])
             scale = steps / done
             row = {"impl": name, "method": method.upper(), "steps": steps, "batch": batch,
                    "seconds": wall * scale, "median_step_s": med * scale / steps,
                    "images_per_s": batch / (wall * scale), "timed_steps": done,
-                   "extrapolated": bool(scale != 1.0)}
+                   "extrapolated": bool(scale != 1.0), "warmup_steps": warm[name]["steps"],
+                   "warmup_stable": warm[name]["stable"]}
             rows.append(row)
             label = f" (extrapolated from {done} steps)" if row["extrapolated"] else ""
             print(f"  {name:6s} {method.upper()}-{steps:<5d} {row['seconds']:9.3f} s  "
                   f"{row['images_per_s']:9.2f} img/s{label}", flush=True)
-    return rows
+    return rows, warm
 
 
 def bench_overhead(model, schedule, x_T, repeats, ddpm_steps):
@@ -235,13 +247,17 @@ def main(argv=None):
         impls.append(("torch", lambda m, s, lim: (lambda: torch_loop(tmodel, schedule.alphas_cumprod, x_T,
                                                                       m, s, lim))))
     impls.append(("cpu", lambda m, s, lim: (lambda: difnumpy_loop(model, schedule, x_T, m, s, lim))))
-    # torch first: once numba's thread pool exists its idle threads can spin against torch's
-    rows = bench_loops(impls, schedule, x_T, configs, repeats, args.ddpm_repeats, ddpm_steps)
+    # the two implementations alternate in this process (bench_loops), both warmed until stable
+    warmup = dict(WARMUP)
+    if args.smoke:
+        warmup.update(max_steps=12, max_seconds=10.0)
+    rows, warm = bench_loops(impls, schedule, x_T, configs, repeats, args.ddpm_repeats, ddpm_steps, warmup)
 
     by = {(r["impl"], r["method"], r["steps"]): r for r in rows}
     for r in rows:
         if r["impl"] == "cpu" and ("torch", r["method"], r["steps"]) in by:
-            r["cpu/torch"] = r["images_per_s"] / by[("torch", r["method"], r["steps"])]["images_per_s"]
+            r["torch_images_per_s"] = by[("torch", r["method"], r["steps"])]["images_per_s"]
+            r["cpu/torch"] = r["images_per_s"] / r["torch_images_per_s"]
 
     overhead = bench_overhead(model, schedule, x_T, repeats, ddpm_steps)
     summary = {}
@@ -254,7 +270,8 @@ def main(argv=None):
     summary.update(overhead)
     summary["ddpm_extrapolated"] = any(r["extrapolated"] for r in rows)
 
-    heads = ["impl", "method", "steps", "seconds", "images_per_s", "cpu/torch", "extrapolated"]
+    heads = ["impl", "method", "steps", "seconds", "images_per_s", "torch_images_per_s", "cpu/torch",
+             "extrapolated", "warmup_steps", "warmup_stable"]
     print(f"\nsampling images/s, batch {batch}, {args.size}x{args.size}  "
           f"(seconds = median wall clock of the whole loop)")
     print_table([[r.get(h) for h in heads] for r in rows], heads)
@@ -271,7 +288,9 @@ def main(argv=None):
           f"{overhead['predicted_speedup']:.1f}x")
     if args.json:
         write_json(args.json, {"benchmark": "bench_sample", "machine": info, "threads": threads,
-                               "batch": batch, "size": args.size, "repeats": repeats,
+                               "batch": batch, "size": args.size, "repeats": repeats, "warmup": warmup,
+                               "warmup_report": {k: {kk: vv for kk, vv in v.items() if kk != "times_s"}
+                                                 for k, v in warm.items()},
                                "rows": rows, "summary": summary})
     return {"rows": rows, "summary": summary}
 

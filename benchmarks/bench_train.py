@@ -6,7 +6,15 @@ U-Net (base 32, mults (1, 2), 410,721 params) process at batch 128 on 8x8 and 28
 PyTorch on the CPU (when torch is importable)? Also forward-only (sampling) images/s, and conv2d
 GFLOP/s (forward, backward) beside np.matmul SGEMM GFLOP/s measured in the same run.
 
-Usage: ``python benchmarks/bench_train.py [--threads N] [--repeats R] [--quick] [--json OUT]``
+How it measures: every contender (a backend's train step, its forward pass; a conv kernel) is called once
+untimed (compilation), then all of them are warmed *interleaved* until each one's step time is stable (at
+least 5 steps, and two successive 3-step medians within 5 %: ``_common.warm_until_stable``), then timed
+in alternation, ``--repeats`` rounds, in the same process. The figure quoted is the ratio of the medians,
+printed beside both sides' absolute images/s; a contender that did not settle within the warm-up budget is
+flagged "NOT stable". (An earlier version warmed each side with one call: PyTorch, which needs a few steps
+to settle, was timed cold, and 28x28 training read 1.6x PyTorch instead of about 1.1x.)
+
+Usage: ``python benchmarks/bench_train.py [--threads N] [--repeats R] [--quick | --smoke] [--json OUT]``
 """
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import machine_info, print_table, set_threads, time_call, write_json  # noqa: E402
+from _common import (machine_info, print_table, set_threads, time_interleaved, warm_until_stable,  # noqa: E402
+                     warmup_note, write_json)
 
 try:
     import torch
@@ -136,76 +145,98 @@ def _torch_runner(x, t, noise):
     return train_step, fwd
 
 
-def bench_model(sizes, batch, repeats, backends):
+PHASES = ("train", "forward")
+WARMUP = {"min_steps": 5, "block": 3, "rtol": 0.05, "max_steps": 60, "max_seconds": 300.0}
+
+
+def bench_model(sizes, batch, repeats, backends, warmup=None):
+    """Images/s of a train step and a forward pass per backend and size, contenders warmed until stable and
+    timed interleaved. Returns one row per (size, phase) with each backend's img/s, the ratios, warm-up info."""
+    warmup = dict(WARMUP if warmup is None else warmup)
     rows = []
     rng = np.random.default_rng(0)
     for hw in sizes:
         x = rng.standard_normal((batch, 1, hw, hw)).astype(np.float32)
         noise = rng.standard_normal(x.shape).astype(np.float32)
         t = rng.integers(0, 1000, size=batch).astype(np.int64)
-        runners = {}
+        fns, reps = {}, {}  # contender "backend phase" -> one call
         for name in backends:
-            runners[name] = _torch_runner(x, t, noise) if name == "torch" else _difnumpy_runner(name, x, t, noise)
-        # Interleaved: repeat r times "torch, numba" (one train step, one forward each) and take medians,
-        # so that a slow spell of the shared machine hits both sides instead of skewing the ratio.
-        times = {name: ([], []) for name in backends}
-        for name in backends:
-            for fn in runners[name]:
-                fn()  # warm-up: compilation, first-touch allocation
-        for r in range(repeats):
-            for name in backends:
-                if name == "numpy" and r > 0:
-                    continue  # the NumPy path is ~10x slower; one timed call each
-                for k, fn in enumerate(runners[name]):
-                    times[name][k].append(time_call(fn, 1, warmup=0))
-        res = {name: tuple(batch / float(np.median(times[name][k])) for k in (0, 1)) for name in backends}
-        for name in backends:
-            print(f"  {hw}x{hw} {name:6s} train {res[name][0]:8.1f} img/s   forward {res[name][1]:8.1f} img/s",
-                  flush=True)
-        for phase, k in (("train", 0), ("forward", 1)):
+            runner = _torch_runner(x, t, noise) if name == "torch" else _difnumpy_runner(name, x, t, noise)
+            for phase, fn in zip(PHASES, runner):
+                fns[f"{name} {phase}"] = fn
+                reps[f"{name} {phase}"] = 1 if name == "numpy" else repeats  # NumPy is ~10x slower: one call
+        warm = warm_until_stable(fns, **warmup)
+        print(f"  {hw}x{hw} {warmup_note(warm)}", flush=True)
+        times = time_interleaved(fns, reps)
+        for phase in PHASES:
             row = {"size": f"{hw}x{hw}", "phase": phase}
             for name in backends:
-                row[name] = res[name][k]
-            if "torch" in res and "cpu" in res:
-                row["cpu/torch"] = res["cpu"][k] / res["torch"][k]
-            if "numpy" in res and "cpu" in res:
-                row["cpu/numpy"] = res["cpu"][k] / res["numpy"][k]
+                row[name] = batch / float(np.median(times[f"{name} {phase}"]))
+                w = warm[f"{name} {phase}"]
+                row[f"{name}_warmup_steps"], row[f"{name}_stable"] = w["steps"], w["stable"]
+            if "torch" in backends and "cpu" in backends:
+                row["cpu/torch"] = row["cpu"] / row["torch"]
+                print(f"  {hw}x{hw} {phase:7s} numba {row['cpu']:8.1f} img/s  torch {row['torch']:8.1f} img/s"
+                      f"  -> numba/torch {row['cpu/torch']:.2f}", flush=True)
+            if "numpy" in backends and "cpu" in backends:
+                row["cpu/numpy"] = row["cpu"] / row["numpy"]
+                print(f"  {hw}x{hw} {phase:7s} numba {row['cpu']:8.1f} img/s  numpy {row['numpy']:8.1f} img/s"
+                      f"  -> numba/numpy {row['cpu/numpy']:.2f}", flush=True)
+            if len(backends) == 1:
+                print(f"  {hw}x{hw} {phase:7s} {backends[0]} {row[backends[0]]:8.1f} img/s", flush=True)
             rows.append(row)
     return rows
 
 
-def bench_conv(repeats, use_torch):
-    """conv2d GFLOP/s at the U-Net's layer shapes (batch 128) beside np.matmul SGEMM GFLOP/s."""
+CONV_LAYERS = [(128, 32, 28, 32, 3, 1, 1), (128, 64, 14, 64, 3, 1, 1), (128, 64, 8, 64, 3, 1, 1),
+               (128, 32, 28, 32, 3, 2, 1), (128, 128, 14, 64, 1, 1, 0)]
+
+
+def bench_conv(repeats, use_torch, layers=None, warmup=None):
+    """conv2d GFLOP/s at the U-Net's layer shapes (batch 128) beside np.matmul SGEMM GFLOP/s.
+
+    Per layer the numba and torch kernels (forward; backward = input + weight gradients) are warmed until
+    stable and timed interleaved, like the whole-model contenders."""
     from difnumpy.kernels import cpu
+    warmup = dict(WARMUP if warmup is None else warmup)
     rng = np.random.default_rng(1)
     a = rng.standard_normal((1024, 1024)).astype(np.float32)
     o = np.empty_like(a)
-    sgemm = 2 * 1024 ** 3 / time_call(lambda: np.matmul(a, a, out=o), repeats) / 1e9
+    sg = {"sgemm": lambda: np.matmul(a, a, out=o)}
+    warm_until_stable(sg, **warmup)
+    sgemm = 2 * 1024 ** 3 / float(np.median(time_interleaved(sg, repeats)["sgemm"])) / 1e9
     rows = []
-    for (N, C, H, F, K, s, p) in [(128, 32, 28, 32, 3, 1, 1), (128, 64, 14, 64, 3, 1, 1),
-                                  (128, 64, 8, 64, 3, 1, 1), (128, 32, 28, 32, 3, 2, 1),
-                                  (128, 128, 14, 64, 1, 1, 0)]:
+    for (N, C, H, F, K, s, p) in (CONV_LAYERS if layers is None else layers):
         x = rng.standard_normal((N, C, H, H)).astype(np.float32)
         w = rng.standard_normal((F, C, K, K)).astype(np.float32)
         b = rng.standard_normal(F).astype(np.float32)
         out = cpu.conv2d_forward(x, w, b, s, p)
         dout = rng.standard_normal(out.shape).astype(np.float32)
         flops = 2.0 * N * F * C * K * K * out.shape[2] * out.shape[3]
-        fwd = flops / time_call(lambda: cpu.conv2d_forward(x, w, b, s, p), repeats) / 1e9
-        bwd = 2 * flops / time_call(lambda: (cpu.conv2d_backward_input(dout, w, x.shape, s, p),
-                                             cpu.conv2d_backward_weight(dout, x, w.shape, s, p)), repeats) / 1e9
-        row = {"layer": f"{C}->{F} k{K} s{s} {H}x{H}", "numba_fwd": fwd, "numba_bwd": bwd,
-               "sgemm": sgemm, "fwd/sgemm": fwd / sgemm}
+        fns = {"numba_fwd": lambda: cpu.conv2d_forward(x, w, b, s, p),
+               "numba_bwd": lambda: (cpu.conv2d_backward_input(dout, w, x.shape, s, p),
+                                     cpu.conv2d_backward_weight(dout, x, w.shape, s, p))}
         if use_torch:
             xt = torch.from_numpy(x).requires_grad_()
             wt = torch.from_numpy(w).requires_grad_()
             bt = torch.from_numpy(b).requires_grad_()
             gt = torch.from_numpy(dout)
-            tf = time_call(lambda: tF.conv2d(xt, wt, bt, stride=s, padding=p), repeats)
             yt = tF.conv2d(xt, wt, bt, stride=s, padding=p)  # backward alone, on a kept graph
-            tb = time_call(lambda: torch.autograd.grad(yt, (xt, wt, bt), gt, retain_graph=True), repeats)
-            row["torch_fwd"] = flops / tf / 1e9
-            row["torch_bwd"] = 2 * flops / tb / 1e9
+            fns["torch_fwd"] = lambda: tF.conv2d(xt, wt, bt, stride=s, padding=p)
+            fns["torch_bwd"] = lambda: torch.autograd.grad(yt, (xt, wt, bt), gt, retain_graph=True)
+        warm = warm_until_stable(fns, **warmup)
+        med = {k: float(np.median(v)) for k, v in time_interleaved(fns, repeats).items()}
+        row = {"layer": f"{C}->{F} k{K} s{s} {H}x{H}" + ("" if N == 128 else f" N{N}"),
+               "numba_fwd": flops / med["numba_fwd"] / 1e9, "numba_bwd": 2 * flops / med["numba_bwd"] / 1e9,
+               "sgemm": sgemm}
+        row["fwd/sgemm"] = row["numba_fwd"] / sgemm
+        if use_torch:
+            row["torch_fwd"] = flops / med["torch_fwd"] / 1e9
+            row["torch_bwd"] = 2 * flops / med["torch_bwd"] / 1e9
+            row["fwd numba/torch"] = row["numba_fwd"] / row["torch_fwd"]
+            row["bwd numba/torch"] = row["numba_bwd"] / row["torch_bwd"]
+        row["warmup_steps"] = max(r["steps"] for r in warm.values())
+        row["stable"] = all(r["stable"] for r in warm.values())
         rows.append(row)
     return rows
 
@@ -216,30 +247,50 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="8x8 only, 1 repeat, no NumPy path")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiniest settings (tests only): batch 4, 8x8, one small conv layer, short warm-up budget")
+    ap.add_argument("--warmup-seconds", type=float, default=None,
+                    help="give up warming a set of contenders after this long (default 300; --quick 60)")
     ap.add_argument("--no-numpy", action="store_true", help="skip the (slow) pure NumPy path")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--json", default=None, help="write results to this JSON file (atomically)")
     args = ap.parse_args(argv)
     threads = set_threads(args.threads)
-    repeats = 1 if args.quick else args.repeats
-    sizes = (8,) if args.quick else (8, 28)
-    backends = [b for b in ("numpy", "cpu") if not (b == "numpy" and (args.quick or args.no_numpy))]
-    if torch is not None:
+    repeats = 1 if (args.quick or args.smoke) else args.repeats
+    sizes = (8,) if (args.quick or args.smoke) else (8, 28)
+    batch = 4 if args.smoke and args.batch == 128 else args.batch
+    warmup = dict(WARMUP)
+    if args.quick:
+        warmup["max_seconds"] = 60.0
+    if args.smoke:
+        warmup.update(max_steps=12, max_seconds=10.0)
+    if args.warmup_seconds is not None:
+        warmup["max_seconds"] = args.warmup_seconds
+    use_torch = torch is not None and not args.no_torch
+    backends = [b for b in ("numpy", "cpu") if not (b == "numpy" and (args.quick or args.smoke or args.no_numpy))]
+    if use_torch:
         backends.append("torch")
     info = machine_info()
     print(f"# {info['cpu']}, {info['cores']} cores; numpy {info['numpy']}, numba {info['numba']}, "
           f"torch {info['torch']}; threads {threads}")
-    rows = bench_model(sizes, args.batch, repeats, backends)
-    heads = ["size", "phase"] + backends + [h for h in ("cpu/torch", "cpu/numpy") if h in rows[0]]
-    print(f"\nimages/s, batch {args.batch} (train = forward + MSE + backward + Adam)")
+    print(f"# warm-up: every contender until stable (>= {warmup['min_steps']} steps, two successive "
+          f"{warmup['block']}-step medians within {warmup['rtol']:.0%}), interleaved; then {repeats} interleaved "
+          f"timed round(s)")
+    rows = bench_model(sizes, batch, repeats, backends, warmup)
+    heads = ["size", "phase", "cpu"] + (["torch", "cpu/torch"] if use_torch else []) \
+        + (["numpy", "cpu/numpy"] if "numpy" in backends else []) \
+        + [f"{b}_warmup_steps" for b in backends] + [f"{b}_stable" for b in backends]
+    print(f"\nimages/s, batch {batch} (train = forward + MSE + backward + Adam); cpu = numba kernels")
     print_table([[r.get(h) for h in heads] for r in rows], heads)
-    conv = bench_conv(repeats, torch is not None)
-    cheads = ["layer", "numba_fwd", "numba_bwd"] + (["torch_fwd", "torch_bwd"] if torch is not None else []) \
-        + ["sgemm", "fwd/sgemm"]
+    conv = bench_conv(repeats, use_torch, [(4, 32, 8, 32, 3, 1, 1)] if args.smoke else None, warmup)
+    cheads = ["layer", "numba_fwd", "numba_bwd"] \
+        + (["torch_fwd", "torch_bwd", "fwd numba/torch", "bwd numba/torch"] if use_torch else []) \
+        + ["sgemm", "fwd/sgemm", "warmup_steps", "stable"]
     print("\nconv2d GFLOP/s (batch 128, float32) beside np.matmul SGEMM 1024^3 GFLOP/s")
     print_table([[r.get(h) for h in cheads] for r in conv], cheads)
     if args.json:
-        write_json(args.json, {"machine": info, "threads": threads, "batch": args.batch, "repeats": repeats,
-                               "model": rows, "conv": conv})
+        write_json(args.json, {"machine": info, "threads": threads, "batch": batch, "repeats": repeats,
+                               "warmup": warmup, "model": rows, "conv": conv})
     return rows, conv
 
 

@@ -29,6 +29,9 @@ def test_bench_sample_smoke(tmp_path):
     for r in rows:
         assert {"impl", "method", "steps", "batch", "seconds", "images_per_s", "extrapolated"} <= set(r)
         assert _positive(r["seconds"]) and _positive(r["images_per_s"])
+        assert r["warmup_steps"] >= 5 and isinstance(r["warmup_stable"], bool)
+        if "cpu/torch" in r:  # the ratio sits beside both sides' absolute images/s
+            assert r["cpu/torch"] == pytest.approx(r["images_per_s"] / r["torch_images_per_s"])
     # smoke extrapolates DDPM-1000 from a few steps and must say so
     assert all(r["extrapolated"] for r in rows if r["method"] == "DDPM")
     s = res["summary"]
@@ -53,6 +56,92 @@ def test_torch_loop_matches_difnumpy():
     b, steps_b = bench_sample.torch_loop(model, schedule.alphas_cumprod, x_T, "ddim", 20)
     assert len(steps_a) == len(steps_b) == 20
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+class _FakeClock:
+    """A clock the contenders advance by their own scripted step times: the warm-up logic is tested exactly."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.log = []
+
+    def __call__(self):
+        return self.now
+
+    def contender(self, name, durations):
+        it = iter(durations)
+
+        def step():
+            self.log.append(name)
+            self.now += next(it)
+        return step
+
+
+def test_warm_until_stable_waits_until_the_step_time_settles():
+    """A contender that needs several steps to settle (like PyTorch's allocator and thread pool; one untimed call
+    of warm-up used to leave it cold) is warmed until two successive 3-step medians agree within 5 %; the
+    timing after that sees the settled step time, not the cold ones."""
+    from _common import time_interleaved, warm_until_stable
+
+    clock = _FakeClock()
+    cold = [9.0] + [5.0, 4.0, 3.0, 2.2, 1.6, 1.3, 1.1] + [1.0] * 100  # untimed call, 7 settling steps, settled
+    fns = {"torch": clock.contender("torch", cold), "numba": clock.contender("numba", [7.0] + [2.0] * 100)}
+    rep = warm_until_stable(fns, clock=clock)
+    assert rep["torch"]["stable"] and rep["numba"]["stable"]
+    # after 10 steps the block medians are 1.3 and 1.0 (23 % apart), after 11 1.1 and 1.0 (9 %), after 12 equal
+    assert rep["torch"]["steps"] == 12 and rep["torch"]["median_s"] == 1.0
+    assert rep["numba"]["steps"] == rep["torch"]["steps"]  # interleaved: the stable one keeps running beside
+    times = time_interleaved(fns, 5, clock=clock)
+    assert times["torch"] == [1.0] * 5 and times["numba"] == [2.0] * 5
+    # alternation, with the order reversed every other round
+    assert clock.log[:6] == ["torch", "numba", "numba", "torch", "torch", "numba"]
+
+
+def test_warm_until_stable_minimum_and_budget():
+    from _common import warm_until_stable
+
+    clock = _FakeClock()
+    rep = warm_until_stable({"a": clock.contender("a", [1.0] * 100)}, clock=clock)
+    assert rep["a"]["steps"] == 6 and rep["a"]["stable"]  # at least 5 steps and two 3-step blocks
+    rep = warm_until_stable({"a": clock.contender("a", [1.0] * 100)}, min_steps=8, clock=clock)
+    assert rep["a"]["steps"] == 8
+    # never settles: the budget ends the warm-up and the report says so
+    clock = _FakeClock()
+    rep = warm_until_stable({"a": clock.contender("a", [1.0, 2.0, 1.0, 1.0, 2.0, 2.0] * 50)}, max_steps=20,
+                            clock=clock)
+    assert rep["a"]["steps"] == 20 and not rep["a"]["stable"]
+    clock = _FakeClock()
+    rep = warm_until_stable({"a": clock.contender("a", [1.0, 2.0, 1.0, 1.0, 2.0, 2.0] * 50)}, max_seconds=10.5,
+                            clock=clock)
+    assert not rep["a"]["stable"] and 7 <= rep["a"]["steps"] <= 9
+    with pytest.raises(ValueError, match="rtol"):
+        warm_until_stable({"a": lambda: None}, rtol=0.0)
+
+
+def test_run_interleaved_per_contender_repeats():
+    from _common import run_interleaved
+
+    clock = _FakeClock()
+    fns = {"slow": clock.contender("slow", [10.0] * 5), "fast": clock.contender("fast", [1.0] * 5)}
+    res = run_interleaved(fns, {"slow": 1, "fast": 3}, clock=clock)
+    assert [t for t, _ in res["slow"]] == [10.0] and [t for t, _ in res["fast"]] == [1.0] * 3
+    assert clock.log == ["slow", "fast", "fast", "fast"]
+
+
+def test_bench_train_smoke(tmp_path):
+    import bench_train
+    out = tmp_path / "t.json"
+    rows, conv = bench_train.main(["--smoke", "--threads", "1", "--json", str(out)])
+    assert out.exists()
+    assert {(r["size"], r["phase"]) for r in rows} == {("8x8", "train"), ("8x8", "forward")}
+    names = ["cpu"] + (["torch"] if bench_train.torch is not None else [])
+    for r in rows:
+        for name in names:
+            assert _positive(r[name]), (name, r)
+            assert r[f"{name}_warmup_steps"] >= 5 and isinstance(r[f"{name}_stable"], bool)
+        if "torch" in names:  # the ratio is reported beside both sides' absolute images/s
+            assert r["cpu/torch"] == pytest.approx(r["cpu"] / r["torch"])
+    assert len(conv) == 1 and _positive(conv[0]["numba_fwd"]) and _positive(conv[0]["sgemm"])
 
 
 def test_bench_scaling_smoke(tmp_path):
