@@ -449,6 +449,8 @@ def _reverse_process(model, schedule, shape, *, method, num_steps, eta, spacing,
     if num_steps is None:
         num_steps = T if method == "ddpm" else min(50, T)
     timesteps = inference_timesteps(T, num_steps, spacing, steps_offset)
+    if method == "ddim":  # refuse a bad final step before the first model call, not after the last
+        _check_ddim_args(schedule, timesteps[-1:], np.array([-1]), eta, step_kw.get("final_alpha_cumprod", 1.0))
     stochastic = method == "ddpm" or eta > 0
     if stochastic:
         check_rng_noise(rng, None)  # with x_T given, rng still draws every step's noise
