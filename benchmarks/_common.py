@@ -2,7 +2,7 @@
 
 API: ``time_call(fn, repeats, warmup=1) -> median seconds``, ``machine_info() -> dict``,
 ``write_json(path, obj)`` (atomic), ``print_table(rows, headers)``, ``set_threads(n) -> dict``;
-for comparisons against a baseline (DESIGN.md convention 10): ``warm_until_stable(fns) -> report``
+for comparisons against a baseline (ARCHITECTURE.md, convention 10): ``warm_until_stable(fns) -> report``
 then ``time_interleaved(fns, repeats) -> {name: [seconds]}``, every contender warmed until its step
 time is stable and all of them timed in alternation in the same process.
 """

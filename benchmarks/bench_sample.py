@@ -76,7 +76,7 @@ def difnumpy_loop(model, schedule, x_T, method, num_steps, max_steps=None):
     """
     times = []
     x = None
-    # x_T given -> rng may not be (DESIGN.md convention 3); DDPM's step noise then comes from a fresh
+    # x_T given -> rng may not be (ARCHITECTURE.md, convention 3); DDPM's step noise then comes from a fresh
     # generator, which does not matter for timing
     gen = sample_progressive(model, schedule, x_T.shape, method=method, num_steps=num_steps, x_T=x_T,
                              backend="cpu")
