@@ -149,8 +149,65 @@ def choose_weights(ema_decay: float, ema_updates: int, weights: str = "auto") ->
     return "ema" if share < EMA_INIT_SHARE_MAX else "raw"
 
 
+#: Fields of the run metadata compared with a config.json beside the checkpoint.
+_CROSS_CHECKED = ("image_shape", "data", "batch_size", "seed", "schedule", "num_timesteps", "prediction_type")
+
+
+def _checkpoint_metadata(checkpoint: str, meta: dict, model) -> dict:
+    """The run metadata of a checkpoint (:func:`difnumpy.checkpoint.read_metadata`), never a default.
+
+    A checkpoint written before checkpoints held their metadata takes what it lacks from the
+    ``config.json`` beside it (as ``difnumpy train`` writes it); without one that is a CLIError naming
+    what is missing. A ``config.json`` that contradicts the checkpoint is a CLIError too.
+    """
+    from difnumpy.checkpoint import read_metadata
+    from difnumpy.train import CONFIG_FILE, load_run_config
+
+    md = read_metadata(meta)
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), CONFIG_FILE)
+    try:
+        cfg = load_run_config(os.path.dirname(cfg_path))
+    except FileNotFoundError:
+        cfg = None
+    except ValueError as exc:
+        if md["image_shape"] is None:
+            raise CLIError(f"--checkpoint {checkpoint!r} holds no image shape (written before checkpoints held "
+                           f"their metadata) and {exc}", EXIT_RUNTIME) from None
+        cfg = None  # the checkpoint describes itself; an unreadable side file is not needed
+    if cfg is not None:
+        side = dict(cfg)
+        if isinstance(side.get("image_shape"), list):
+            side["image_shape"] = tuple(side["image_shape"])
+        diffs = [f"{k} {md[k]!r} in the checkpoint, {side[k]!r} in {cfg_path}" for k in _CROSS_CHECKED
+                 if md.get(k) is not None and side.get(k) is not None and md[k] != side[k]]
+        if diffs:
+            raise CLIError(f"--checkpoint {checkpoint!r} contradicts the {CONFIG_FILE} beside it: "
+                           + "; ".join(diffs), EXIT_RUNTIME)
+        for k in ("image_shape", "data", "batch_size", "seed"):
+            if md[k] is None and side.get(k) is not None:
+                md[k] = side[k]
+    shape = md["image_shape"]
+    if shape is None:
+        raise CLIError(f"--checkpoint {checkpoint!r} holds no image shape (C, H, W) (written before checkpoints "
+                       f"held their metadata) and there is no {CONFIG_FILE} beside it to read it from", EXIT_RUNTIME)
+    shape = tuple(shape)
+    if len(shape) != 3 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shape):
+        raise CLIError(f"--checkpoint {checkpoint!r}: image shape {shape!r} is not (C, H, W)", EXIT_RUNTIME)
+    div = 2 ** (len(model.config["channel_mults"]) - 1)
+    if shape[0] != model.config["in_channels"] or shape[1] % div or shape[2] % div:
+        raise CLIError(f"--checkpoint {checkpoint!r}: image shape {shape} does not fit its model "
+                       f"(in_channels={model.config['in_channels']}, H and W divisible by {div})", EXIT_RUNTIME)
+    md["image_shape"] = shape
+    if md["prediction_type"] is None:
+        raise CLIError(f"--checkpoint {checkpoint!r} holds no prediction type", EXIT_RUNTIME)
+    return md
+
+
 def _load_for_sampling(checkpoint: str, weights: str = "auto", backend: str | None = None):
-    """(model, schedule, prediction_type, image_shape, weights_used) of a checkpoint; CLIError if unusable."""
+    """(model, schedule, metadata, weights_used) of a checkpoint; CLIError if unusable.
+
+    ``metadata`` is :func:`_checkpoint_metadata`: image shape, data, schedule, prediction type, ...
+    """
     from difnumpy.checkpoint import load_model, read_checkpoint
     from difnumpy.schedules import Schedule
 
@@ -161,21 +218,10 @@ def _load_for_sampling(checkpoint: str, weights: str = "auto", backend: str | No
         used = choose_weights(float(meta["ema"]["decay"]), int(meta["ema"]["num_updates"]), weights)
         model = load_model(checkpoint, ema=(used == "ema"), backend=backend)
         schedule = Schedule(arrays["schedule/betas"], name=meta["schedule"].get("name"))
-    except (ValueError, OSError, TypeError, KeyError) as exc:
-        raise CLIError(f"cannot load --checkpoint {checkpoint!r}: {exc}", EXIT_RUNTIME) from None
-    prediction_type = meta["trainer"].get("prediction_type", "epsilon")
-    image_shape = None
-    try:
-        from difnumpy.train import load_run_config
-
-        cfg = load_run_config(os.path.dirname(os.path.abspath(checkpoint)))
-        if isinstance(cfg.get("image_shape"), list) and len(cfg["image_shape"]) == 3:
-            image_shape = tuple(int(v) for v in cfg["image_shape"])
-    except (OSError, ValueError):
-        pass
-    if image_shape is None:
-        image_shape = (model.config.get("in_channels", 1), 8, 8)
-    return model, schedule, prediction_type, image_shape, used
+    except (ValueError, OSError, TypeError, KeyError, RuntimeError) as exc:
+        raise CLIError(f"cannot load --checkpoint {checkpoint!r}: {' '.join(str(exc).split())}",
+                       EXIT_RUNTIME) from None
+    return model, schedule, _checkpoint_metadata(checkpoint, meta, model), used
 
 
 def _check_sampling_args(schedule, method: str, steps: int | None, eta: float, n: int):
@@ -222,13 +268,15 @@ def _generate(model, schedule, shape, *, method, steps, eta, rng, prediction_typ
 
 # ------------------------------------------------------------------------------ commands
 def _cmd_train(args) -> int:
-    from difnumpy.train import TrainConfig, load_run_config, train
+    from difnumpy.train import CHECKPOINT_FILE, TrainConfig, config_from_checkpoint, load_run_config, train
 
     given = {k: v for k, v in vars(args).items() if v is not None and k in
              {f for f in TrainConfig.__dataclass_fields__}}
     given["out_dir"] = args.out
     given.pop("resume", None)
     if args.resume:
+        # the run's own values, never the defaults: config.json's, then the checkpoint's (which win; a
+        # config.json that contradicts the checkpoint is refused by train), then the arguments given
         try:
             base = load_run_config(args.out)
         except FileNotFoundError:
@@ -236,6 +284,12 @@ def _cmd_train(args) -> int:
         except ValueError as exc:
             raise CLIError(str(exc), EXIT_RUNTIME) from None
         base = {k: v for k, v in base.items() if k not in ("image_shape", "difnumpy_version")}
+        ckpt = os.path.join(args.out, CHECKPOINT_FILE)
+        if os.path.isfile(ckpt):
+            try:
+                base.update(config_from_checkpoint(ckpt, strict=False))
+            except (ValueError, OSError) as exc:
+                raise CLIError(f"cannot resume from {ckpt!r}: {' '.join(str(exc).split())}", EXIT_RUNTIME) from None
         base.update(given)
         given = base
         given["resume"] = True
@@ -262,7 +316,8 @@ def _cmd_train(args) -> int:
 def _cmd_sample(args) -> int:
     from difnumpy import viz
 
-    model, schedule, pred, image_shape, used = _load_for_sampling(args.checkpoint, args.weights, args.backend)
+    model, schedule, md, used = _load_for_sampling(args.checkpoint, args.weights, args.backend)
+    pred, image_shape = md["prediction_type"], md["image_shape"]
     _check_sampling_args(schedule, args.method, args.steps, args.eta, args.n)
     out = _prepare_out_dir(args.out)
     rng = np.random.default_rng(args.seed)
@@ -311,19 +366,49 @@ def _evaluate(model, schedule, pred, samples, rng, bpd_timesteps: int, batch_siz
     return res
 
 
+def _read_samples(path: str) -> np.ndarray:
+    """The samples array of a .npy file, or of a .npz holding one array or a ``samples`` array."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CLIError(f"cannot read --samples {path!r}: {' '.join(str(exc).split())}", EXIT_RUNTIME) from None
+    if hasattr(loaded, "files"):  # an .npz archive
+        with loaded as z:
+            names = list(z.files)
+            if "samples" in names:
+                key = "samples"
+            elif len(names) == 1:
+                key = names[0]
+            else:
+                raise CLIError(f"--samples {path!r} holds {len(names)} arrays {names[:6]}; expected one array "
+                               f"or one named 'samples'", EXIT_RUNTIME)
+            try:
+                loaded = z[key]
+            except Exception as exc:  # pickled object arrays (refused), a damaged member, ...
+                raise CLIError(f"cannot read --samples {path!r} array {key!r}: {' '.join(str(exc).split())}",
+                               EXIT_RUNTIME) from None
+    if not isinstance(loaded, np.ndarray) or loaded.dtype.kind not in "fiu":
+        raise CLIError(f"--samples {path!r} must hold a numeric array, got {getattr(loaded, 'dtype', type(loaded))}",
+                       EXIT_RUNTIME)
+    return loaded
+
+
 def _cmd_evaluate(args) -> int:
-    model, schedule, pred, image_shape, used = _load_for_sampling(args.checkpoint, args.weights, args.backend)
+    model, schedule, md, used = _load_for_sampling(args.checkpoint, args.weights, args.backend)
+    pred, image_shape = md["prediction_type"], md["image_shape"]
     if image_shape != (1, 8, 8):
         raise CLIError(f"evaluate scores 8x8 digits models only; this checkpoint makes {image_shape} images")
+    if md["data"] is None:
+        raise CLIError(f"--checkpoint {args.checkpoint!r} does not say what it was trained on (no data source in "
+                       f"it or in a config.json beside it); evaluate scores 8x8 digits models only", EXIT_RUNTIME)
+    if md["data"] != "digits":
+        raise CLIError(f"evaluate scores 8x8 digits models only; this checkpoint was trained on {md['data']!r}")
     _check_sampling_args(schedule, args.method, args.steps, args.eta, args.n)
     json_path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "evaluate.json")
     _prepare_out_dir(os.path.dirname(os.path.abspath(json_path)), "--json")
     rng = np.random.default_rng(args.seed)
     if args.samples:
-        try:
-            samples = np.load(args.samples, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CLIError(f"cannot read --samples {args.samples!r}: {exc}", EXIT_RUNTIME) from None
+        samples = _read_samples(args.samples)
         if samples.ndim != 4 or samples.shape[1:] != (1, 8, 8) or samples.shape[0] < 2:
             raise CLIError(f"--samples must hold an (N >= 2, 1, 8, 8) array, got {samples.shape}")
         method_info = {"samples_file": os.path.abspath(args.samples)}
@@ -469,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="'digits' (default) or the path of an MNIST-style IDX image file")
     t.add_argument("--steps", type=_positive_int, help=f"total updates (default {d.steps})")
     t.add_argument("--batch-size", dest="batch_size", type=_positive_int, help=f"default {d.batch_size}")
-    t.add_argument("--lr", type=_positive_float, help=f"default {d.lr}")
+    t.add_argument("--lr", type=_positive_float, help=f"default {d.lr:g}")
     t.add_argument("--ema-decay", dest="ema_decay", type=_unit_float, help=f"default {d.ema_decay}")
     t.add_argument("--warmup-steps", dest="warmup_steps", type=_nonneg_int, help=f"default {d.warmup_steps}")
     t.add_argument("--schedule", choices=SCHEDULE_NAMES, help=f"default {d.schedule}")
@@ -524,19 +609,19 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="train on digits, sample with DDPM and DDIM, score, write figures",
                        description="The main command: everything in one directory in about 10 minutes on 2 cores.")
     m.add_argument("--out", default="difnumpy_demo", help="output directory (default difnumpy_demo)")
-    # demo defaults, chosen by measurement (README): batch 128 at lr 2e-3 on the cosine schedule gave
-    # 88 % confident samples in 7 min where batch 64, lr 1e-3, linear gave 81 %
+    # the training defaults are TrainConfig's (measured best, README); the demo adds only its budget
     m.add_argument("--minutes", type=_positive_float, default=8.5,
                    help="training budget in minutes (default 8.5); sampling and scoring add about 1")
     m.add_argument("--steps", type=_positive_int, default=100000, help="training steps cap (default 100000)")
-    m.add_argument("--seed", type=_nonneg_int, default=0)
-    m.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
-    m.add_argument("--schedule", choices=SCHEDULE_NAMES, default="cosine", help="default cosine")
+    m.add_argument("--seed", type=_nonneg_int, default=d.seed)
+    m.add_argument("--timesteps", type=_positive_int, default=d.num_timesteps, help=f"T (default {d.num_timesteps})")
+    m.add_argument("--schedule", choices=SCHEDULE_NAMES, default=d.schedule, help=f"default {d.schedule}")
     m.add_argument("--base-channels", dest="base_channels", type=_positive_int, default=d.base_channels)
-    m.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=128, help="default 128")
-    m.add_argument("--lr", type=_positive_float, default=2e-3, help="default 2e-3")
-    m.add_argument("--ema-decay", dest="ema_decay", type=_unit_float, default=0.995,
-                   help="EMA decay (default 0.995: a budget of a few thousand steps)")
+    m.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=d.batch_size,
+                   help=f"default {d.batch_size}")
+    m.add_argument("--lr", type=_positive_float, default=d.lr, help=f"default {d.lr:g}")
+    m.add_argument("--ema-decay", dest="ema_decay", type=_unit_float, default=d.ema_decay,
+                   help=f"EMA decay (default {d.ema_decay})")
     m.add_argument("--checkpoint-every", dest="checkpoint_every", type=_positive_int, default=d.checkpoint_every)
     m.add_argument("--ddim-steps", dest="ddim_steps", type=_positive_int, default=50)
     m.add_argument("--n-eval", dest="n_eval", type=_positive_int, default=500, help="DDIM samples scored")

@@ -25,11 +25,15 @@ before it is kept untouched).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
+import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -39,13 +43,15 @@ import numpy as np
 from difnumpy._io import atomic_write
 from difnumpy.trainer import DivergenceError
 
-__all__ = ["TrainConfig", "train", "DivergenceError", "read_log", "load_run_config",
+__all__ = ["TrainConfig", "train", "DivergenceError", "read_log", "load_run_config", "config_from_checkpoint",
            "CONFIG_FILE", "CHECKPOINT_FILE", "LOG_FILE", "LOSS_FILE"]
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.npz"
 LOG_FILE = "log.jsonl"
 LOSS_FILE = "loss.png"
+#: Said once (on stderr, with the progress bar on) when numba starts compiling kernels: a cold cache.
+COMPILE_MESSAGE = "compiling kernels (first run only) ..."
 
 # Fields that define the run; a resumed run must agree on them.
 _IDENTITY_FIELDS = ("data", "batch_size", "seed", "lr", "ema_decay", "warmup_steps", "grad_clip",
@@ -87,20 +93,29 @@ class TrainConfig:
         Start afresh even if ``out_dir`` already holds a checkpoint (otherwise that is an
         error: results are never overwritten by accident).
     progress : bool
-        Show a tqdm progress bar (loss and images/s) on stderr.
+        Show a tqdm progress bar (loss and images/s) on stderr: steps done out of ``steps``, or,
+        with ``max_minutes``, seconds spent out of the budget; and say when numba compiles
+        kernels (a cold cache: the first run, about 20 s).
+
+    Notes
+    -----
+    The defaults are the ones measured best on the 8x8 digits (README, "The demo"): batch 128,
+    lr 2e-3 with 100 warm-up steps, the cosine schedule with T = 1000 and an EMA decay of 0.995
+    (a budget of a few thousand steps). ``difnumpy train`` and ``difnumpy demo`` both take them
+    from here.
     """
 
     out_dir: str = "runs/digits"
     data: str = "digits"
     steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-3
-    ema_decay: float = 0.999
+    batch_size: int = 128
+    lr: float = 2e-3
+    ema_decay: float = 0.995
     warmup_steps: int = 100
     grad_clip: float | None = 1.0
     weight_decay: float = 0.0
     optimizer: str = "adam"
-    schedule: str = "linear"
+    schedule: str = "cosine"
     num_timesteps: int = 1000
     prediction_type: str = "epsilon"
     base_channels: int = 32
@@ -288,7 +303,34 @@ class _SigintGuard:
         return False
 
 
-def _build_trainer(config: TrainConfig, ckpt_path: str):
+def _check_backend_usable(config: TrainConfig) -> None:
+    """backend="cuda" without a usable GPU is refused before anything is written."""
+    if config.backend != "cuda":
+        return
+    from difnumpy import kernels
+
+    try:
+        kernels.get_backend("cuda")
+    except Exception as exc:  # RuntimeError (no GPU, driver or numba-cuda) or a broken installation
+        raise RuntimeError(f"backend='cuda' cannot run here: {' '.join(str(exc).split())}") from None
+
+
+def _check_image_shape(config: TrainConfig, image_shape: tuple) -> None:
+    levels = len(config.channel_mults)
+    div = 2 ** (levels - 1)
+    _, h, w = image_shape
+    if h % div or w % div:
+        raise ValueError(f"data: {h}x{w} images do not fit a U-Net with {levels} levels (channel_mults="
+                         f"{list(config.channel_mults)}): H and W must be divisible by 2**(levels-1) = {div}")
+
+
+def _run_metadata(config: TrainConfig, image_shape: tuple) -> dict:
+    """The run metadata every checkpoint of this run holds (:data:`difnumpy.checkpoint.RUN_METADATA_KEYS`)."""
+    return {"image_shape": [int(v) for v in image_shape], "data": config.data, "batch_size": config.batch_size,
+            "seed": config.seed, "num_classes": None}
+
+
+def _build_trainer(config: TrainConfig, ckpt_path: str, in_channels: int):
     from difnumpy.checkpoint import load_checkpoint
     from difnumpy.nn.unet import UNet
     from difnumpy.schedules import Schedule
@@ -296,14 +338,111 @@ def _build_trainer(config: TrainConfig, ckpt_path: str):
 
     if config.resume:
         return load_checkpoint(ckpt_path, backend=config.backend)
-    model = UNet(in_channels=1, base_channels=config.base_channels, channel_mults=tuple(config.channel_mults),
-                 num_res_blocks=config.num_res_blocks, groups=config.groups, dtype=np.dtype(config.dtype),
-                 rng=np.random.default_rng([config.seed, 1]), backend=config.backend)
+    model = UNet(in_channels=in_channels, base_channels=config.base_channels,
+                 channel_mults=tuple(config.channel_mults), num_res_blocks=config.num_res_blocks,
+                 groups=config.groups, dtype=np.dtype(config.dtype), rng=np.random.default_rng([config.seed, 1]),
+                 backend=config.backend)
     schedule = Schedule.from_name(config.schedule, config.num_timesteps)
     return Trainer(model, schedule, lr=config.lr, ema_decay=config.ema_decay,
                    rng=np.random.default_rng([config.seed, 2]), prediction_type=config.prediction_type,
                    weight_decay=config.weight_decay, grad_clip=config.grad_clip,
                    warmup_steps=config.warmup_steps, optimizer=config.optimizer)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _config_from_meta(meta: dict) -> tuple[dict, list]:
+    """(the TrainConfig fields the checkpoint header determines, the run fields it lacks)."""
+    from difnumpy.checkpoint import read_metadata
+
+    md = read_metadata(meta)
+    mc, hp = meta["model_config"], meta["trainer"]
+    d = {"schedule": md["schedule"], "num_timesteps": md["num_timesteps"],
+         "prediction_type": md["prediction_type"]}
+    for k in ("lr", "ema_decay", "warmup_steps", "grad_clip", "weight_decay", "optimizer"):
+        if k in hp:
+            d[k] = hp[k]
+    for k in ("base_channels", "channel_mults", "num_res_blocks", "groups", "dtype"):
+        if k in mc:
+            d[k] = list(mc[k]) if k == "channel_mults" else mc[k]
+    missing = []
+    for k in ("data", "batch_size", "seed"):
+        if md[k] is None:
+            missing.append(k)
+        else:
+            d[k] = md[k]
+    if md["image_shape"] is None:
+        missing.append("image_shape")
+    return d, missing
+
+
+def config_from_checkpoint(path: str | os.PathLike, *, strict: bool = True) -> dict:
+    """The :class:`TrainConfig` fields that a checkpoint fixes: what ``--resume`` continues with.
+
+    Data source, batch size and seed (the data stream), the schedule and its T, the prediction type,
+    the optimizer's and the EMA's hyperparameters and the U-Net's architecture, read from the
+    checkpoint itself (not from ``config.json``).
+
+    Parameters
+    ----------
+    path : str or path-like
+    strict : bool, default True
+        Refuse a checkpoint without run metadata (written by difnumpy before it stored them); with
+        False, return the fields it has.
+
+    Raises
+    ------
+    FileNotFoundError, OSError, ValueError
+        An unreadable checkpoint (:func:`difnumpy.checkpoint.read_checkpoint`), or (``strict``) one
+        written before checkpoints held their run metadata (the message names the missing fields).
+    """
+    from difnumpy.checkpoint import read_checkpoint
+
+    path = os.fspath(path)
+    meta, _ = read_checkpoint(path)
+    d, missing = _config_from_meta(meta)
+    if missing and strict:
+        raise ValueError(f"checkpoint {path!r} holds no {', '.join(missing)} (written before checkpoints held "
+                         f"their run metadata)")
+    return d
+
+
+def _check_resume(config: TrainConfig, ckpt_path: str, image_shape: tuple, out_dir: str) -> None:
+    """The resumed run must be the checkpoint's run: same data stream, schedule, model and optimizer."""
+    from difnumpy.checkpoint import read_checkpoint, read_metadata
+
+    meta, _ = read_checkpoint(ckpt_path)
+    stored, missing = _config_from_meta(meta)
+    try:
+        saved = load_run_config(out_dir)
+    except FileNotFoundError:
+        saved = None
+    if missing:  # a checkpoint from before the run metadata: config.json must supply it (as it did then)
+        if saved is None:
+            raise ValueError(f"resume: checkpoint {ckpt_path!r} holds no {', '.join(missing)} (written before "
+                             f"checkpoints held their run metadata) and there is no {CONFIG_FILE} beside it; "
+                             f"cannot tell which data stream to continue")
+        lacking = [k for k in missing if k not in saved]
+        if lacking:
+            raise ValueError(f"resume: neither checkpoint {ckpt_path!r} nor {CONFIG_FILE} holds {', '.join(lacking)}")
+        stored.update({k: saved[k] for k in missing if k != "image_shape"})
+    shape = read_metadata(meta)["image_shape"]
+    if shape is None:
+        shape = tuple(saved["image_shape"])
+    diffs = []
+    for k, v in stored.items():
+        if not _same(v, getattr(config, k)):
+            diffs.append(f"{k} ({v!r} in the checkpoint, {getattr(config, k)!r} given)")
+    if tuple(shape) != tuple(image_shape):
+        diffs.append(f"image_shape ({tuple(shape)} in the checkpoint, the data gives {tuple(image_shape)})")
+    if diffs:
+        raise ValueError("resume: the configuration differs from the checkpoint's run: " + "; ".join(diffs))
+    if saved is not None:
+        _check_resume_config(config, out_dir)
 
 
 def _check_resume_config(config: TrainConfig, out_dir: str) -> None:
@@ -322,6 +461,42 @@ def _check_resume_config(config: TrainConfig, out_dir: str) -> None:
             diffs.append(f"{k} ({a!r} in {CONFIG_FILE}, {b!r} given)")
     if diffs:
         raise ValueError(f"resume: the configuration differs from the run's {CONFIG_FILE}: " + "; ".join(diffs))
+
+
+class _CompileNotice:
+    """Says ``COMPILE_MESSAGE`` once when numba starts compiling a kernel (a cold cache: the first run).
+
+    Uses numba's event API (``"numba:compile"`` is broadcast on a cache miss only, so a warm cache
+    prints nothing); inert where that API is missing.
+    """
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.said, self._ev, self._listener = say, False, None, None
+
+    def __enter__(self):
+        try:
+            from numba.core import event as ev
+        except ImportError:  # pragma: no cover
+            return self
+        notice = self
+
+        class _Listener(ev.Listener):
+            def on_start(self, event):
+                if not notice.said:
+                    notice.said = True
+                    notice.say(COMPILE_MESSAGE)
+
+            def on_end(self, event):
+                pass
+
+        self._ev, self._listener = ev, _Listener()
+        ev.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        if self._ev is not None:
+            self._ev.unregister("numba:compile", self._listener)
+        return False
 
 
 def _write_loss_png(log_path: str, png_path: str) -> str | None:
@@ -363,9 +538,22 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
         A non-finite loss or gradient norm; the message names the step and the last good
         checkpoint, which is left untouched.
     ValueError, TypeError, FileNotFoundError
-        Bad configuration; ``out_dir`` already holding a run without ``resume`` or
-        ``overwrite``; ``resume`` without a checkpoint, or with a configuration that
-        differs from the run's config.json.
+        Bad configuration (including images whose H, W the U-Net cannot halve
+        ``len(channel_mults) - 1`` times, or a ``groups`` that does not divide the channel
+        counts); ``out_dir`` already holding a run without ``resume`` or ``overwrite``;
+        ``resume`` without a checkpoint, or with a configuration that differs from the
+        checkpoint's run metadata (or, for an older checkpoint, from the run's config.json).
+    RuntimeError
+        ``backend="cuda"`` without a usable GPU.
+
+    Notes
+    -----
+    Everything is checked (configuration, data, backend, image shape, the model and trainer
+    built) before ``out_dir`` is touched. With ``overwrite``, the new run is written to a
+    temporary directory inside ``out_dir`` and replaces the old run's files only once its
+    first checkpoint is written: a run that fails before that leaves the old run as it was.
+    Every checkpoint holds the run metadata (image shape, data source, batch size, seed,
+    schedule, prediction type; :func:`difnumpy.checkpoint.read_metadata`).
     """
     from difnumpy.checkpoint import save_checkpoint
 
@@ -380,101 +568,158 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
     log_path = os.path.join(out_dir, LOG_FILE)
     cfg_path = os.path.join(out_dir, CONFIG_FILE)
     png_path = os.path.join(out_dir, LOSS_FILE)
-
-    if config.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path!r}")
-        _check_resume_config(config, out_dir)
-    elif os.path.exists(ckpt_path) and not config.overwrite:
-        raise ValueError(f"out_dir {out_dir!r} already holds a run ({CHECKPOINT_FILE}); "
-                         "resume it, choose another out_dir, or set overwrite")
-    x = _load_data(config)
-    os.makedirs(out_dir, exist_ok=True)
-    if config.overwrite and os.path.exists(ckpt_path):
-        os.unlink(ckpt_path)  # never leave the old run's checkpoint beside the new run's log
-    trainer = _build_trainer(config, ckpt_path)
-    start = trainer.step_count
-
-    run_cfg = config.to_dict()
-    run_cfg.update(resume=False, overwrite=False, image_shape=list(x.shape[1:]))
-    from difnumpy import __version__
-    run_cfg["difnumpy_version"] = __version__
-    _atomic_write_text(cfg_path, json.dumps(run_cfg, indent=2) + "\n")
-
-    # the log: keep records up to the checkpoint's step (a resumed run rewrites what followed it)
-    kept = []
-    if config.resume and os.path.exists(log_path):
-        kept = [r for r in read_log(log_path) if r["step"] <= start]
-    _atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    batches = _Batches(x, config.batch_size, config.seed)
-    budget_s = None if config.max_minutes is None else 60.0 * float(config.max_minutes)
-    status = "completed"
-    diverged = None
-    last_saved = start if config.resume else -1
-    t_start = time.perf_counter()
-    win_losses: list[float] = []
-    win_t = t_start
-    last_loss = None
-    images_per_s = None
     bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=config.steps, initial=min(start, config.steps), unit="step", desc="train",
-                   dynamic_ncols=True, leave=True)
 
-    def note_interrupt():
-        msg = "interrupt received: saving a checkpoint after this step (Ctrl-C again to abort now)"
-        (bar.write if bar is not None else print)(msg)
-
-    log_fh = open(log_path, "a", encoding="utf-8")
-    try:
-        with _SigintGuard(note_interrupt) as guard:
-            for k in range(start, config.steps):
-                if guard.requested:
-                    status = "interrupted"
-                    break
-                if budget_s is not None and time.perf_counter() - t_start > budget_s:
-                    status = "time_budget"
-                    break
-                try:
-                    loss = trainer.step(batches(k))
-                except DivergenceError as exc:
-                    where = (f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}"
-                             if last_saved >= 0 else "no checkpoint was written")
-                    diverged = DivergenceError(f"training diverged at step {k + 1}: {exc}; {where}")
-                    status = "diverged"
-                    break
-                step = trainer.step_count
-                last_loss = loss
-                win_losses.append(loss)
-                if callback is not None:
-                    callback(step, loss)
-                if step % config.log_every == 0 or step == config.steps:
-                    now = time.perf_counter()
-                    images_per_s = len(win_losses) * config.batch_size / max(now - win_t, 1e-9)
-                    rec = {"step": step, "loss": float(np.mean(win_losses)), "last_loss": float(loss),
-                           "lr": trainer.last_lr, "grad_norm": trainer.last_grad_norm,
-                           "images_per_s": round(images_per_s, 2), "elapsed_s": round(now - t_start, 3)}
-                    log_fh.write(json.dumps(rec) + "\n")
-                    log_fh.flush()
-                    win_losses, win_t = [], now
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{images_per_s:.0f}")
-                if bar is not None:
-                    bar.update(1)
-                if step % config.checkpoint_every == 0:
-                    save_checkpoint(ckpt_path, trainer)
-                    last_saved = step
-            if status != "diverged" and trainer.step_count != last_saved:
-                save_checkpoint(ckpt_path, trainer)
-                last_saved = trainer.step_count
-    finally:
-        log_fh.close()
+    def say(msg: str) -> None:
         if bar is not None:
-            bar.close()
+            bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    notice = _CompileNotice(say) if config.progress else contextlib.nullcontext()
+    with notice:
+        # 1. everything that can fail is checked before out_dir is touched
+        if config.resume:
+            if not os.path.isfile(ckpt_path):
+                raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path!r}")
+        elif os.path.exists(ckpt_path) and not config.overwrite:
+            raise ValueError(f"out_dir {out_dir!r} already holds a run ({CHECKPOINT_FILE}); "
+                             "resume it, choose another out_dir, or set overwrite")
+        _check_backend_usable(config)
+        x = _load_data(config)
+        image_shape = tuple(int(v) for v in x.shape[1:])
+        _check_image_shape(config, image_shape)
+        if config.resume:
+            _check_resume(config, ckpt_path, image_shape, out_dir)
+        trainer = _build_trainer(config, ckpt_path, image_shape[0])
+        metadata = _run_metadata(config, image_shape)
+        start = trainer.step_count
+
+        # 2. the directory: a replaced run stays until the new run's first checkpoint is written
+        os.makedirs(out_dir, exist_ok=True)
+        staging = None
+        if config.overwrite and os.path.exists(ckpt_path):
+            staging = tempfile.mkdtemp(dir=out_dir, prefix=".difnumpy-new-run.")
+        where = staging or out_dir
+        run_ckpt, run_log, run_cfg_path = (os.path.join(where, f) for f in (CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE))
+
+        run_cfg = config.to_dict()
+        run_cfg.update(resume=False, overwrite=False, image_shape=list(image_shape))
+        from difnumpy import __version__
+        run_cfg["difnumpy_version"] = __version__
+        try:
+            _atomic_write_text(run_cfg_path, json.dumps(run_cfg, indent=2) + "\n")
+            # the log: keep records up to the checkpoint's step (a resumed run rewrites what followed it)
+            kept = []
+            if config.resume and os.path.exists(log_path):
+                kept = [r for r in read_log(log_path) if r["step"] <= start]
+            _atomic_write_text(run_log, "".join(json.dumps(r) + "\n" for r in kept))
+            log_fh = open(run_log, "a", encoding="utf-8")
+        except BaseException:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+        def checkpoint() -> None:
+            nonlocal staging, run_ckpt, log_fh
+            save_checkpoint(run_ckpt, trainer, metadata)
+            if staging is None:
+                return
+            # the new run has its first checkpoint: it replaces the old run (checkpoint first, so that
+            # a crash in between leaves a checkpoint whose own metadata is authoritative)
+            log_fh.close()
+            os.replace(run_ckpt, ckpt_path)
+            os.replace(run_cfg_path, cfg_path)
+            os.replace(run_log, log_path)
+            if os.path.exists(png_path):
+                os.unlink(png_path)  # the old run's loss curve; the new one is written at the end
+            shutil.rmtree(staging, ignore_errors=True)
+            staging, run_ckpt = None, ckpt_path
+            log_fh = open(log_path, "a", encoding="utf-8")
+
+        batches = _Batches(x, config.batch_size, config.seed)
+        budget_s = None if config.max_minutes is None else 60.0 * float(config.max_minutes)
+        status = "completed"
+        diverged = None
+        last_saved = start if config.resume else -1
+        t_start = time.perf_counter()
+        win_losses: list[float] = []
+        win_t = t_start
+        last_loss = None
+        images_per_s = None
+        if config.progress:
+            from tqdm.auto import tqdm
+            if budget_s is not None:  # a time-budgeted run: progress is time spent out of the budget
+                bar = tqdm(total=round(budget_s, 1), unit="s", desc="train", dynamic_ncols=True, leave=True,
+                           bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the time "
+                                      "budget [{elapsed}<{remaining}{postfix}]")
+            else:
+                bar = tqdm(total=config.steps, initial=min(start, config.steps), unit="step", desc="train",
+                           dynamic_ncols=True, leave=True)
+
+        def note_interrupt():
+            say("interrupt received: saving a checkpoint after this step (Ctrl-C again to abort now)")
+
+        try:
+            with _SigintGuard(note_interrupt) as guard:
+                for k in range(start, config.steps):
+                    if guard.requested:
+                        status = "interrupted"
+                        break
+                    if budget_s is not None and time.perf_counter() - t_start > budget_s:
+                        status = "time_budget"
+                        break
+                    try:
+                        loss = trainer.step(batches(k))
+                    except DivergenceError as exc:
+                        if last_saved >= 0:
+                            where_ = f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}"
+                        elif staging is not None:
+                            where_ = f"no checkpoint was written; the previous run in {out_dir} is kept"
+                        else:
+                            where_ = "no checkpoint was written"
+                        diverged = DivergenceError(f"training diverged at step {k + 1}: {exc}; {where_}")
+                        status = "diverged"
+                        break
+                    step = trainer.step_count
+                    last_loss = loss
+                    win_losses.append(loss)
+                    if callback is not None:
+                        callback(step, loss)
+                    if step % config.log_every == 0 or step == config.steps:
+                        now = time.perf_counter()
+                        images_per_s = len(win_losses) * config.batch_size / max(now - win_t, 1e-9)
+                        rec = {"step": step, "loss": float(np.mean(win_losses)), "last_loss": float(loss),
+                               "lr": trainer.last_lr, "grad_norm": trainer.last_grad_norm,
+                               "images_per_s": round(images_per_s, 2), "elapsed_s": round(now - t_start, 3)}
+                        log_fh.write(json.dumps(rec) + "\n")
+                        log_fh.flush()
+                        win_losses, win_t = [], now
+                        if bar is not None:
+                            bar.set_postfix(step=step, loss=f"{rec['loss']:.4f}", img_s=f"{images_per_s:.0f}",
+                                            refresh=False)
+                    if bar is not None:
+                        if budget_s is not None:
+                            bar.update(min(time.perf_counter() - t_start, budget_s) - bar.n)
+                        else:
+                            bar.update(1)
+                    if step % config.checkpoint_every == 0:
+                        checkpoint()
+                        last_saved = step
+                if status != "diverged" and trainer.step_count != last_saved:
+                    checkpoint()
+                    last_saved = trainer.step_count
+                if bar is not None and budget_s is not None and status == "time_budget":
+                    bar.update(bar.total - bar.n)  # the budget is spent: 100 %
+        finally:
+            log_fh.close()
+            if bar is not None:
+                bar.close()
+            if staging is not None:  # the new run never reached its first checkpoint: the old run stays
+                shutil.rmtree(staging, ignore_errors=True)
     elapsed = time.perf_counter() - t_start
-    loss_png = _write_loss_png(log_path, png_path)
+    replaced_old_run_kept = staging is not None
+    loss_png = None if replaced_old_run_kept else _write_loss_png(log_path, png_path)
     if diverged is not None:
         raise diverged
     done = trainer.step_count - start

@@ -38,7 +38,7 @@ def test_train_writes_every_file(tmp_path):
     for rec in recs:
         assert set(rec) == {"step", "loss", "last_loss", "lr", "grad_norm", "images_per_s", "elapsed_s"}
         assert np.isfinite(rec["loss"]) and rec["images_per_s"] > 0
-    assert recs[0]["lr"] == pytest.approx(1e-3)  # warmup 2: step 2 reaches the base lr
+    assert recs[0]["lr"] == pytest.approx(TrainConfig().lr)  # warmup 2: step 2 reaches the base lr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["image_shape"] == [1, 8, 8] and cfg["seed"] == 0 and cfg["steps"] == 6
     assert load_checkpoint(r["checkpoint"]).step_count == 6
@@ -137,3 +137,182 @@ def test_train_on_idx_file(tmp_path):
     r = train(_cfg(tmp_path, steps=2, data=str(path)))
     assert r["status"] == "completed"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["image_shape"] == [1, 8, 8]
+
+
+# ---- --overwrite never loses the old run (issue 14, item 2) --------------------------------------
+
+def _snapshot_dir(path):
+    """The regular files of a run directory and their bytes (a new run's staging folder aside)."""
+    return {f: (path / f).read_bytes() for f in sorted(os.listdir(path)) if (path / f).is_file()}
+
+
+def _idx_file(path, n=40, h=8, w=8, seed=0):
+    img = np.random.default_rng(seed).integers(0, 256, size=(n, h, w), dtype=np.uint8)
+    path.write_bytes(bytes([0, 0, 8, 3]) + np.asarray(img.shape, ">u4").tobytes() + img.tobytes())
+    return str(path)
+
+
+def test_overwrite_validates_everything_before_touching_the_old_run(tmp_path, monkeypatch):
+    train(_cfg(tmp_path, steps=2))
+    out = tmp_path / "run"
+    before = _snapshot_dir(out)
+    bad_cases = [
+        (dict(groups=3), "groups"),                                   # does not divide the channel counts
+        (dict(channel_mults=(1, 2, 2, 2)), "divisible by 2\\*\\*\\(levels-1\\) = 8"),  # 12x12 images
+        (dict(batch_size=5000), "batch_size"),
+        (dict(data=str(tmp_path / "missing-idx3-ubyte")), "data"),
+    ]
+    idx12 = _idx_file(tmp_path / "twelve-idx3-ubyte", h=12, w=12)
+    for kw, match in bad_cases:
+        if "channel_mults" in kw:
+            kw = dict(kw, data=idx12)
+        with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+            train(_cfg(tmp_path, steps=3, overwrite=True, **kw))
+        assert _snapshot_dir(out) == before, kw
+        assert sorted(os.listdir(out)) == sorted(before)
+    # backend="cuda" without a usable GPU (simulated: get_backend("cuda") refuses, as it does then)
+    from difnumpy import kernels
+
+    real = kernels.get_backend
+
+    def no_gpu(name="cpu"):
+        if name == "cuda":
+            raise RuntimeError("no CUDA-capable GPU found")
+        return real(name)
+
+    monkeypatch.setattr(kernels, "get_backend", no_gpu)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run here: no CUDA-capable GPU"):
+        train(_cfg(tmp_path, steps=3, overwrite=True, backend="cuda"))
+    assert _snapshot_dir(out) == before
+
+
+def test_overwrite_replaces_the_old_run_only_at_the_new_first_checkpoint(tmp_path):
+    train(_cfg(tmp_path, steps=2))
+    out = tmp_path / "run"
+    before = _snapshot_dir(out)
+    seen = []
+
+    def look(step, loss):  # during the new run, before its first checkpoint (step 4)
+        if step < 4:
+            seen.append(_snapshot_dir(out) == before)
+
+    r = train(_cfg(tmp_path, steps=5, checkpoint_every=4, seed=1, overwrite=True), callback=look)
+    assert seen == [True, True, True]
+    assert r["step"] == 5 and load_checkpoint(out / "checkpoint.npz").step_count == 5
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    assert [rec["step"] for rec in read_log(str(out / "log.jsonl"))] == [2, 4, 5]
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "log.jsonl", "loss.png"]  # no staging
+
+
+def test_overwrite_that_diverges_before_its_first_checkpoint_keeps_the_old_run(tmp_path):
+    train(_cfg(tmp_path, steps=2))
+    out = tmp_path / "run"
+    before = _snapshot_dir(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with np.errstate(all="ignore"):
+            with pytest.raises(DivergenceError, match="previous run in .* is kept"):
+                train(_cfg(tmp_path, steps=20, lr=1e30, grad_clip=None, warmup_steps=0, checkpoint_every=100,
+                           overwrite=True))
+    assert _snapshot_dir(out) == before
+    assert sorted(os.listdir(out)) == sorted(before)  # the new run's staging folder is gone
+
+
+# ---- the checkpoint describes its run; resume follows it (issue 14, item 3) ----------------------
+
+def test_checkpoints_hold_the_run_metadata(tmp_path):
+    from difnumpy.checkpoint import read_metadata
+
+    idx = _idx_file(tmp_path / "imgs-idx3-ubyte", h=12, w=16)
+    r = train(_cfg(tmp_path, steps=2, data=idx, seed=5, schedule="linear", prediction_type="v_prediction"))
+    assert read_metadata(r["checkpoint"]) == {
+        "image_shape": (1, 12, 16), "data": idx, "batch_size": 16, "seed": 5, "num_classes": None,
+        "schedule": "linear", "num_timesteps": 20, "prediction_type": "v_prediction", "format_version": 2}
+
+
+def test_resume_checks_the_checkpoint_not_the_defaults(tmp_path):
+    from difnumpy.train import config_from_checkpoint
+
+    train(_cfg(tmp_path, steps=2, seed=3, batch_size=8))
+    out = tmp_path / "run"
+    os.unlink(out / "config.json")  # the checkpoint alone says what the run is
+    ckpt = str(out / "checkpoint.npz")
+    assert config_from_checkpoint(ckpt)["batch_size"] == 8 and config_from_checkpoint(ckpt)["seed"] == 3
+    with pytest.raises(ValueError, match=r"batch_size \(8 in the checkpoint, 16 given\).*seed \(3 in the"):
+        train(_cfg(tmp_path, steps=4, resume=True))  # the defaults of _cfg: another data stream
+    idx = _idx_file(tmp_path / "imgs-idx3-ubyte")
+    with pytest.raises(ValueError, match="data"):
+        train(_cfg(tmp_path, steps=4, seed=3, batch_size=8, resume=True, data=idx))
+    r = train(_cfg(tmp_path, steps=4, seed=3, batch_size=8, resume=True))
+    assert r["step"] == 4
+
+
+def test_resume_of_an_old_checkpoint_needs_its_config_json(tmp_path):
+    """A checkpoint without run metadata (format 1) resumes only with the config.json beside it."""
+    import zipfile
+
+    train(_cfg(tmp_path, steps=2))
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint.npz"
+    with np.load(ckpt, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    del meta["run"]
+    meta["format_version"] = 1
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
+    arrays["format_version"] = np.array(1)
+    with zipfile.ZipFile(ckpt, "w") as zf:
+        for name, a in arrays.items():
+            with zf.open(name + ".npy", "w") as f:
+                np.lib.format.write_array(f, a, allow_pickle=False)
+    cfg = (out / "config.json").read_bytes()
+    os.unlink(out / "config.json")
+    with pytest.raises(ValueError, match="holds no data, batch_size, seed, image_shape.*no config.json"):
+        train(_cfg(tmp_path, steps=4, resume=True))
+    (out / "config.json").write_bytes(cfg)
+    assert train(_cfg(tmp_path, steps=4, resume=True))["step"] == 4
+
+
+# ---- defaults and progress (issue 14, items 10 and 11) -------------------------------------------
+
+def test_one_set_of_defaults_the_measured_best():
+    from difnumpy.cli import build_parser
+
+    d = TrainConfig()
+    assert (d.batch_size, d.lr, d.schedule, d.num_timesteps, d.ema_decay) == (128, 2e-3, "cosine", 1000, 0.995)
+    demo = build_parser().parse_args(["demo"])
+    for k in ("batch_size", "lr", "schedule", "ema_decay", "seed", "base_channels", "checkpoint_every"):
+        assert getattr(demo, k) == getattr(d, k), k
+    assert demo.timesteps == d.num_timesteps
+
+
+def test_time_budget_progress_bar_counts_the_budget(tmp_path, capsys):
+    r = train(_cfg(tmp_path, steps=10**5, max_minutes=0.02, progress=True))
+    assert r["status"] == "time_budget"
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last and "of the time budget" in last, last
+    assert "100000" not in err
+
+
+def test_step_progress_bar_without_a_budget(tmp_path, capsys):
+    train(_cfg(tmp_path, steps=4, progress=True))
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last and "4/4" in last, last
+
+
+def test_compile_message_when_numba_compiles(tmp_path, capsys):
+    import numba
+
+    from difnumpy.train import COMPILE_MESSAGE
+
+    def compile_something(step, loss):  # a fresh function: numba compiles it on its first call
+        if step == 1:
+            f = numba.njit(lambda a: a + step)
+            f(1.0)
+            f(np.zeros(2))
+
+    train(_cfg(tmp_path, steps=2, progress=True), callback=compile_something)
+    assert capsys.readouterr().err.count(COMPILE_MESSAGE) == 1
+    train(_cfg(tmp_path, "quiet", steps=2, progress=False), callback=compile_something)
+    assert COMPILE_MESSAGE not in capsys.readouterr().err
