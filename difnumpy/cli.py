@@ -128,6 +128,9 @@ def _json_default(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
+#: The demo's cap on training steps: out of reach, the time budget ends its training.
+DEMO_STEPS_CAP = 100000
+
 #: The EMA weights are used when the initial weights' share in them, ``decay ** updates``, is below this.
 EMA_INIT_SHARE_MAX = 0.01
 
@@ -454,7 +457,8 @@ def _cmd_demo(args) -> int:
         raise CLIError(str(exc)) from None
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
-    log(f"[1/5] training on 8x8 digits for up to {args.minutes:g} min ({args.steps} steps max) ...")
+    cap = "" if args.steps >= DEMO_STEPS_CAP else f", at most {args.steps} steps"
+    log(f"[1/5] training on 8x8 digits for a budget of {args.minutes:g} min{cap} ...")
     result = train(config)
     if result["status"] == "interrupted":
         print("interrupted: checkpoint saved in " + out, file=sys.stderr)
@@ -612,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     # the training defaults are TrainConfig's (measured best, README); the demo adds only its budget
     m.add_argument("--minutes", type=_positive_float, default=8.5,
                    help="training budget in minutes (default 8.5); sampling and scoring add about 1")
-    m.add_argument("--steps", type=_positive_int, default=100000, help="training steps cap (default 100000)")
+    m.add_argument("--steps", type=_positive_int, default=DEMO_STEPS_CAP,
+                   help=f"training steps cap (default {DEMO_STEPS_CAP}: the time budget decides)")
     m.add_argument("--seed", type=_nonneg_int, default=d.seed)
     m.add_argument("--timesteps", type=_positive_int, default=d.num_timesteps, help=f"T (default {d.num_timesteps})")
     m.add_argument("--schedule", choices=SCHEDULE_NAMES, default=d.schedule, help=f"default {d.schedule}")

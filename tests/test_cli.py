@@ -227,6 +227,7 @@ def test_demo_end_to_end_via_python_m(tmp_path):
         assert k in m, k
     assert m["train_steps"] == 4 and m["n_samples"] == 24 and m["weights"] == "ema"  # 4 warm-up updates leave 0.1 % of the start
     assert "faster than DDPM" in proc.stdout
+    assert "budget of 1 min, at most 4 steps" in proc.stdout and "100000" not in proc.stdout + proc.stderr
     # the demo's checkpoint is loadable by `difnumpy sample`
     assert main(["sample", "--checkpoint", str(out / "checkpoint.npz"), "-n", "2", "--steps", "2",
                  "--out", str(tmp_path / "s"), "--no-progress"]) == 0
