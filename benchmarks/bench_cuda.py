@@ -3,13 +3,13 @@
 Questions answered, each with its baseline timed in the same run:
 
 1. Sampling: DDIM-50 (eta = 0) of ``--num-images`` (default 10,000) 28x28 images with the default U-Net
-   (410,721 params), device-resident (:func:`difnumpy.kernels.cuda.sample_device`: x_t, parameters and
-   activations stay on the GPU from the first step to the last), in batches of ``--batch-sample``;
+   (410,721 params), device-resident (:func:`difnumpy.sample` with ``UNet(backend="cuda")``: x_t,
+   parameters and activations stay on the GPU from the first step to the last), in batches of ``--batch-sample``;
    images/s. Beside it: the same architecture in PyTorch CUDA (``TorchUNet`` of bench_train.py, the same
    DDIM update written in torch), when torch with CUDA is installed. Figure quoted: numba / torch.
 2. Training: one DDPM training step (Ho et al. 2020, Algorithm 1: q_sample, forward, MSE, backward,
    clipping, Adam, EMA) at batch ``--batch-train`` (default 256), 28x28, device-resident
-   (:class:`difnumpy.kernels.cuda.DeviceTrainStep`); images/s, beside PyTorch CUDA (forward, MSE,
+   (:class:`difnumpy.Trainer` with ``backend="cuda"``); images/s, beside PyTorch CUDA (forward, MSE,
    backward, Adam). Goal of the issue: >= 0.5x PyTorch CUDA images/s.
 3. Kernels: the tiled conv2d forward (batch 256, 64 -> 64 channels, 14x14, 3x3) in TFLOP/s and the fused
    sampler update / q_sample in GB/s, beside the card's nominal FP32 TFLOP/s and memory bandwidth
@@ -74,21 +74,24 @@ def timed(ck, fn, repeats):
 
 
 def bench_sampling(ck, model, schedule, n_images, batch, repeats):
+    from difnumpy import sample
+
     def run():
         for i in range(0, n_images, batch):
             nb = min(batch, n_images - i)
-            ck.sample_device(dev, schedule, (nb, 1, 28, 28), method="ddim", num_steps=50,
-                             rng=np.random.default_rng(i), return_device=True)
-    dev = ck.DeviceUNet(model)
-    ck.sample_device(dev, schedule, (min(batch, n_images), 1, 28, 28), method="ddim", num_steps=2, rng=0)
+            sample(model, schedule, (nb, 1, 28, 28), method="ddim", num_steps=50, rng=np.random.default_rng(i),
+                   backend="cuda")
+    sample(model, schedule, (min(batch, n_images), 1, 28, 28), method="ddim", num_steps=2,
+           rng=np.random.default_rng(0), backend="cuda")
     s = timed(ck, run, repeats)
     return n_images / s, s
 
 
 def bench_training(ck, model, schedule, batch, repeats):
+    from difnumpy import Trainer
     x0 = np.random.default_rng(0).uniform(-1, 1, (batch, 1, 28, 28)).astype(np.float32)
-    step = ck.DeviceTrainStep(model, schedule, lr=2e-4, rng=0)
-    s = timed(ck, lambda: step.step(x0), repeats)
+    trainer = Trainer(model, schedule, lr=2e-4, rng=0, backend="cuda")
+    s = timed(ck, lambda: trainer.step(x0), repeats)
     return batch / s, s
 
 
@@ -162,17 +165,17 @@ def torch_runners(schedule, n_images, batch_sample, batch_train):
 
 def bench_kernels(ck, repeats):
     rng = np.random.default_rng(0)
-    x = ck.to_device(rng.standard_normal((256, 64, 14, 14)).astype(np.float32))
-    w = ck.to_device(rng.standard_normal((64, 64, 3, 3)).astype(np.float32) * 0.05)
-    b = ck.to_device(np.zeros(64, np.float32))
+    x = ck.asarray(rng.standard_normal((256, 64, 14, 14)).astype(np.float32))
+    w = ck.asarray(rng.standard_normal((64, 64, 3, 3)).astype(np.float32) * 0.05)
+    b = ck.zeros(64, np.float32)
     s = timed(ck, lambda: ck.conv2d_forward(x, w, b, 1, 1), repeats)
     conv_tflops = 2.0 * 256 * 64 * 64 * 9 * 14 * 14 / s / 1e12
     n, m = 1000, 784
-    xs = ck.to_device(rng.standard_normal((n, m)).astype(np.float32))
+    xs = ck.asarray(rng.standard_normal((n, m)).astype(np.float32))
     coef = rng.standard_normal((n, 5))
     lo, hi = np.full(n, -1.0), np.full(n, 1.0)
     big_n = 16
-    xb = ck.to_device(rng.standard_normal((n * big_n, m)).astype(np.float32))
+    xb = ck.asarray(rng.standard_normal((n * big_n, m)).astype(np.float32))
     cb = rng.standard_normal((n * big_n, 5))
     lob, hib = np.full(n * big_n, -1.0), np.full(n * big_n, 1.0)
     s_up = timed(ck, lambda: ck.sampler_update(xb, xb, xb, cb, lob, hib), repeats)

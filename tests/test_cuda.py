@@ -2,8 +2,8 @@
 
 Runs under numba's CUDA simulator in CI (``NUMBA_ENABLE_CUDASIM=1`` must be set before numba is imported,
 see .ci/run); skipped as a whole when neither a GPU nor the simulator is usable. The simulator runs one
-Python thread per CUDA thread, so every shape here is tiny. Tests marked ``gpu`` need a real GPU. The PTX
-test compiles every registered kernel for real hardware in a subprocess without the simulator.
+Python thread per CUDA thread, so every shape here is tiny. Tests marked ``gpu`` need a real GPU. Every
+registered kernel is compiled for real hardware by tests/test_cuda_ptx.py.
 """
 import ast
 import copy as copy_mod
@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ try:
 except RuntimeError as e:  # no GPU, no numba-cuda, and the simulator is off
     pytest.skip(f"CUDA backend not usable here ({e})", allow_module_level=True)
 
-from difnumpy import Schedule, Trainer, UNet, sample  # noqa: E402
+from difnumpy import UNet  # noqa: E402
 from difnumpy.kernels.cuda import _runtime as rt  # noqa: E402
 
 pytestmark = [
@@ -392,55 +391,6 @@ def test_every_launch_is_a_registered_kernel_with_its_registered_argument_types(
         assert types == want, f"{name} ({dt}) launched with {types}, registered {want}"
     launched = {(name, dt) for name, dt, _ in log}
     assert launched == {(n, np.dtype(dt)) for n in rt.KERNELS for dt in DTYPES}, "a registered kernel is dead"
-
-
-# ---------------------------------------------------------------------------------------------------
-# every kernel compiles for real hardware (numba.cuda.compile_ptx: NVVM from the wheels, no GPU needed),
-# in a subprocess without the simulator; float32 builds have no float64 instructions
-
-_PTX_SCRIPT = textwrap.dedent("""
-    import sys, time, types
-    import numpy as np
-    import numba.cuda.dispatcher as D
-    from numba import cuda
-    import difnumpy.kernels.cuda  # noqa: F401 (registers every kernel)
-    from difnumpy.kernels.cuda import _runtime as rt
-    cc = tuple(int(v) for v in sys.argv[1].split("."))
-    # device functions are compiled for "the current device"; there is none here: pretend it is cc
-    D.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
-    for name, spec in sorted(rt.KERNELS.items()):
-        for dt in (np.float32, np.float64):
-            t0 = time.perf_counter()
-            ptx, _ = cuda.compile_ptx(spec.build(np.dtype(dt)), spec.argtypes(rt.kernel_types(dt)), cc=cc)
-            target = [ln.split()[1] for ln in ptx.splitlines() if ln.startswith(".target")][0]
-            print(target, np.dtype(dt).name, name, ptx.count(".f64"), f"{time.perf_counter() - t0:.2f}", flush=True)
-""")
-PTX_TARGETS = {"8.0": "sm_80", "9.0": "sm_90"}
-
-
-def test_every_kernel_compiles_for_sm80_and_sm90_and_float32_has_no_f64():
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["DIFNUMPY_CUDA_COMPILE_ONLY"] = "1"
-    t0 = time.perf_counter()
-    procs = {cc: subprocess.Popen([sys.executable, "-c", _PTX_SCRIPT, cc], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env) for cc in PTX_TARGETS}
-    outs = {cc: p.communicate(timeout=600) for cc, p in procs.items()}
-    for cc, p in procs.items():
-        if p.returncode != 0:
-            err = outs[cc][1].strip()
-            if "NVVM" in err or "nvvm" in err or "NVRTC" in err or "libdevice" in err:
-                pytest.skip(f"numba.cuda.compile_ptx is not usable here (needs NVVM and NVRTC): {err.splitlines()[-1]}")
-            raise AssertionError(f"compile_ptx for cc {cc} failed:\n{err[-3000:]}")
-    rows = [line.split() for cc in PTX_TARGETS for line in outs[cc][0].splitlines()]
-    print(f"compiled {len(rows)} PTX builds in {time.perf_counter() - t0:.1f} s")
-    built = {(target, dt, name): int(f64) for target, dt, name, f64, _ in rows}
-    want = {(t, dt, name) for t in PTX_TARGETS.values() for dt in ("float32", "float64") for name in rt.KERNELS}
-    assert set(built) == want
-    f32 = {k: v for k, v in built.items() if k[1] == "float32" and v}
-    assert not f32, f"float64 instructions in float32 kernels: {f32}"
-    # the check can fail: every float64 build shows .f64 (loads, stores, arithmetic)
-    f64 = [k for k, v in built.items() if k[1] == "float64" and v == 0]
-    assert not f64, f"float64 builds without .f64: {f64}"
 
 
 # ---------------------------------------------------------------------------------------------------

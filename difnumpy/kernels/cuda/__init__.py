@@ -34,9 +34,6 @@ from difnumpy.kernels.cuda.layout import (concat_channels, split_channels, upsam
 from difnumpy.kernels.cuda.linear import linear_backward, linear_forward
 from difnumpy.kernels.cuda.optim import adam_update, ema_update
 
-# TEMPORARY (issue 10): used by trainer.py and samplers.py until the one graph runs on device arrays
-from difnumpy.kernels.cuda._legacy import DeviceTrainStep, DeviceUNet, sample_device  # noqa: E402
-
 __all__ = [
     # the backend API (the order of difnumpy.kernels.api.BACKEND_API; a test checks they agree)
     "is_array", "asarray", "to_host", "zeros", "copy", "copy_into",
@@ -48,5 +45,4 @@ __all__ = [
     "adam_update", "ema_update",
     # the backend's own
     "SIMULATOR", "cuda_available", "cuda", "KERNELS",
-    "DeviceTrainStep", "DeviceUNet", "sample_device",  # TEMPORARY (issue 10)
 ]

@@ -9,7 +9,7 @@
   the kernel's Python function, its constants NumPy scalars of ``dt`` (so float32 kernels compile
   without ``.f64`` instructions); :func:`kernel` turns it into a getter ``build_<name>(dtype)`` that
   compiles it with ``cuda.jit`` once per dtype. :data:`KERNELS` lists them all: the PTX test compiles
-  each for real hardware (``tests/test_cuda.py``), and a test checks that every launch is registered
+  each for real hardware (``tests/test_cuda_ptx.py``), and a test checks that every launch is registered
   with the argument types it is launched with.
 - **Native arrays** (the backend API's array functions, ARCHITECTURE.md "Backends"): numba device
   arrays. Host wrappers take NumPy or device arrays: NumPy in -> copied up, computed, copied down, NumPy
