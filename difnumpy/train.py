@@ -4,7 +4,9 @@ One run lives in one directory (``config.out_dir``)::
 
     config.json      the run's configuration (written once, atomically; read back by --resume)
     checkpoint.npz   trainer state every ``checkpoint_every`` steps and at the end (atomic,
-                     :func:`difnumpy.checkpoint.save_checkpoint`); resumable bit for bit
+                     :func:`difnumpy.checkpoint.save_checkpoint`); resumable bit for bit; it holds
+                     the run metadata too (image shape, data, batch size, seed, schedule,
+                     prediction type), which sampling, evaluation and resuming follow
     log.jsonl        one JSON object per ``log_every`` steps: step, loss (mean over the
                      window), last_loss, lr, grad_norm, images_per_s, elapsed_s
     loss.png         the loss curve, written at the end (:func:`difnumpy.viz.loss_curve`)
@@ -16,6 +18,11 @@ from ``default_rng([seed, 1])``, the trainer's timesteps and noise from
 uses the permutation ``default_rng([seed, 3, e]).permutation(N)``, batches in order,
 the last partial batch dropped. So the same seed gives the same run, and a run resumed
 from a checkpoint continues exactly as the uninterrupted run would have.
+
+Resuming checks the configuration against the checkpoint (and the config.json, when there is
+one): a different data source, batch size, seed, schedule, model or optimizer setting is an error,
+never a silent change of the run. ``overwrite`` replaces an old run only once the new run has
+written its first checkpoint (until then it lives in a hidden folder inside ``out_dir``).
 
 Stopping: after ``steps`` updates; after ``max_minutes`` of wall clock (the demo's budget);
 on Ctrl-C (the first SIGINT finishes the current step, saves a checkpoint and returns with
