@@ -76,7 +76,8 @@ def main(argv=None):
           f"{min(100, len(losses))}: {np.mean(losses[-100:]):.4f}")
 
     # 3. checkpoint and loss curve ---------------------------------------------------------------------------
-    print("wrote", save_checkpoint(os.path.join(args.out, "checkpoint.npz"), trainer))
+    print("wrote", save_checkpoint(os.path.join(args.out, "checkpoint.npz"), trainer,
+                                   metadata=dict(image_shape=x_train.shape[1:], data="digits")))
     print("wrote", loss_curve(np.arange(1, len(losses) + 1), losses, os.path.join(args.out, "loss.png")))
 
     # 4. DDIM sampling from the EMA weights ------------------------------------------------------------------
