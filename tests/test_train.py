@@ -247,6 +247,18 @@ def test_resume_checks_the_checkpoint_not_the_defaults(tmp_path):
     assert r["step"] == 4
 
 
+def test_resume_refuses_a_config_json_that_contradicts_the_checkpoint(tmp_path):
+    train(_cfg(tmp_path, steps=2, seed=3))
+    cfg_path = tmp_path / "run" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["seed"] = 4
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"seed \(3 in the checkpoint, 4 given\)"):
+        train(_cfg(tmp_path, steps=4, seed=4, resume=True))
+    with pytest.raises(ValueError, match=r"config.json: seed \(4 in config.json, 3 given\)"):
+        train(_cfg(tmp_path, steps=4, seed=3, resume=True))
+
+
 def test_resume_of_an_old_checkpoint_needs_its_config_json(tmp_path):
     """A checkpoint without run metadata (format 1) resumes only with the config.json beside it."""
     import zipfile
