@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from difnumpy._validation import PREDICTION_TYPES
+
 __all__ = ["main", "build_parser", "choose_weights"]
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -563,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", dest="warmup_steps", type=_nonneg_int, help=f"default {d.warmup_steps}")
     t.add_argument("--schedule", choices=SCHEDULE_NAMES, help=f"default {d.schedule}")
     t.add_argument("--timesteps", dest="num_timesteps", type=_positive_int, help=f"T (default {d.num_timesteps})")
-    t.add_argument("--prediction-type", dest="prediction_type", choices=("epsilon", "sample", "v_prediction"))
+    t.add_argument("--prediction-type", dest="prediction_type", choices=PREDICTION_TYPES)
     t.add_argument("--base-channels", dest="base_channels", type=_positive_int, help=f"default {d.base_channels}")
     t.add_argument("--channel-mults", dest="channel_mults", type=_int_list, help="e.g. 1,2 (default)")
     t.add_argument("--groups", type=_positive_int, help=f"GroupNorm groups (default {d.groups})")
