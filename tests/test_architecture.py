@@ -15,7 +15,7 @@ FLOORS = [
     ("difnumpy._validation", 0), ("difnumpy._io", 0), ("difnumpy.kernels", 0),
     ("difnumpy.schedules", 1), ("difnumpy.data", 1), ("difnumpy.nn", 1),
     ("difnumpy.diffusion", 2), ("difnumpy.testing", 2),
-    ("difnumpy.samplers", 3), ("difnumpy.metrics", 3), ("difnumpy.viz", 3),
+    ("difnumpy.samplers", 3), ("difnumpy.solvers", 3), ("difnumpy.metrics", 3), ("difnumpy.viz", 3),
     ("difnumpy.trainer", 4), ("difnumpy.checkpoint", 4), ("difnumpy.distributed", 4),
     ("difnumpy.train", 5), ("difnumpy", 5),  # the package itself: the public API, above the library
     ("difnumpy.cli", 6), ("difnumpy.__main__", 6),

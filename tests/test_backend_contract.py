@@ -65,6 +65,7 @@ def _cases(rng, dt):
         "axpy_": ((x.copy(), _r(rng, x.shape, dt), 0.37), 0),
         "scale_": ((x.copy(), -1.7), 0),
         "add_channel_bias_": ((x.copy(), _r(rng, (N, C), dt)), 0),
+        "blend_": ((x.copy(), _r(rng, x.shape, dt), (rng.uniform(size=x.shape) < 0.5).astype(dt)), 0),
         "sum_hw": ((x,), None),
         "sumsq": ((x,), None),
         "mse_loss": ((x, _r(rng, x.shape, dt)), None),
@@ -128,7 +129,7 @@ def test_backend_agrees_with_the_twins(backend, dt):
             idx = in_place if isinstance(in_place, tuple) else (in_place,)
             for i in idx:
                 np.testing.assert_allclose(_host(kern, nat[i]), want_args[i], **tol, err_msg=f"{backend} {name}[{i}]")
-            if name in ("add_", "axpy_", "scale_", "add_channel_bias_", "copy_into"):
+            if name in ("add_", "axpy_", "scale_", "add_channel_bias_", "blend_", "copy_into"):
                 assert got is nat[0], f"{name} must return its first argument"
             continue
         got, want = _host(kern, got), _host(ref, want)

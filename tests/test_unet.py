@@ -202,10 +202,16 @@ def test_bad_inputs_raise():
         m(x, np.array([0, -1]))
     with pytest.raises(ValueError, match="t must be an int or have shape"):
         m(x, np.array([0, 1, 2]))
-    with pytest.raises(ValueError, match="t must hold integer"):
-        m(x, np.array([0.5, 1.0]))
-    with pytest.raises(TypeError, match="t must hold integer"):
+    with pytest.raises(ValueError, match="t must hold finite"):
+        m(x, np.array([0.5, np.nan]))
+    with pytest.raises(TypeError, match="t must hold timesteps"):
         m(x, np.array([True, False]))
+    # real t (samplers that interpolate sigmas between training steps) is embedded as it is, not rounded
+    from difnumpy.nn.layers import timestep_embedding
+    _, c_half = m.forward(x, np.array([10.5, 3.0]))
+    np.testing.assert_array_equal(c_half["time"][0][0],
+                                  timestep_embedding(np.array([10.5, 3.0]), m.base_channels, dtype=m.dtype))
+    assert not np.array_equal(c_half["time"][0][0], m.forward(x, np.array([10, 3]))[1]["time"][0][0])
     with pytest.raises(TypeError, match="x must be a real numeric"):
         m(x.astype(np.complex64), 0)
     out, cache = m.forward(x, 0)

@@ -45,6 +45,7 @@ BACKEND_API: dict[str, str] = {
     "axpy_": "axpy_(y, x, s) -> y: y += s * x (s a Python float)",
     "scale_": "scale_(a, s) -> a: a *= s (s a Python float)",
     "add_channel_bias_": "add_channel_bias_(h, t) -> h: h[n, c, :, :] += t[n, c]",
+    "blend_": "blend_(x, known, mask) -> x: x = (1 - mask) x + mask known (mask of x's shape, in {0, 1})",
     "sum_hw": "sum_hw(h) -> (N, C): h summed over H and W",
     "sumsq": "sumsq(a) -> float: sum of squares, accumulated in float64",
     "mse_loss": "mse_loss(pred, target) -> (loss: float, dpred); DDPM eq. 14",

@@ -533,6 +533,17 @@ def add_channel_bias_(h: np.ndarray, t: np.ndarray) -> np.ndarray:
     return h
 
 
+def blend_(x: np.ndarray, known: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``x = (1 - mask) * x + mask * known`` in place, one shape and dtype; returns ``x``.
+
+    With ``mask`` in {0, 1} each element is exactly ``x`` or ``known``: the inpainting merge of RePaint
+    (Lugmayr et al. 2022, eq. 8), known region from ``known``, the rest from ``x``.
+    """
+    x *= 1 - mask
+    x += mask * known
+    return x
+
+
 def sum_hw(h: np.ndarray) -> np.ndarray:
     """``h`` (N, C, H, W) summed over H and W: shape (N, C), accumulated in float64, dtype of ``h``.
 

@@ -92,8 +92,10 @@ class UNet:
     -----
     ``forward(x, t)`` accepts ``x`` of shape (N, in_channels, H, W) with H and W divisible by
     ``2 ** (len(channel_mults) - 1)`` (e.g. 8x8 or 28x28 for two levels); ``x`` is cast to the
-    model's dtype and the output has the model's dtype. ``t`` holds integer timesteps >= 0, shape
-    (N,), or one int for the whole batch. The timestep embedding is computed in float64 and cast.
+    model's dtype and the output has the model's dtype. ``t`` holds timesteps >= 0, shape (N,), or one
+    number for the whole batch: integers, or reals where a sampler interpolates between training steps
+    (Euler / Heun on Karras sigmas); the sinusoidal embedding is defined for real t. It is computed in
+    float64 and cast.
 
     One graph serves every backend: each op is a call of the backend API
     (:data:`difnumpy.kernels.api.BACKEND_API`) on the backend's native arrays, so on "cuda" the
@@ -320,14 +322,13 @@ class UNet:
 
         ta = np.asarray(t)
         if ta.dtype == bool or not (np.issubdtype(ta.dtype, np.integer) or np.issubdtype(ta.dtype, np.floating)):
-            raise TypeError(f"t must hold integer timesteps, got dtype {ta.dtype}")
+            raise TypeError(f"t must hold timesteps (integers or reals), got dtype {ta.dtype}")
         if ta.ndim == 0:
             ta = np.full(N, ta)
         if ta.shape != (N,):
             raise ValueError(f"t must be an int or have shape (N,) = ({N},), got shape {ta.shape}")
-        if np.issubdtype(ta.dtype, np.floating):
-            if not np.all(np.isfinite(ta)) or np.any(ta != np.round(ta)):
-                raise ValueError("t must hold integer timesteps, got non-integer values")
+        if np.issubdtype(ta.dtype, np.floating) and not np.all(np.isfinite(ta)):
+            raise ValueError("t must hold finite timesteps, got NaN or inf")
         if np.any(ta < 0):
             raise ValueError(f"t must be >= 0 (0-indexed timesteps), got min {ta.min()}")
         return x, ta

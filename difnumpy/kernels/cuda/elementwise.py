@@ -1,7 +1,7 @@
 """Elementwise kernels and small reductions: the diffusion updates, SiLU, in-place sums, the MSE loss.
 
 Twins in :mod:`difnumpy.kernels.reference` (q_sample, sampler_update, silu_forward, silu_backward,
-add_, axpy_, scale_, add_channel_bias_, sum_hw, sumsq, mse_loss). Reductions accumulate per thread in
+add_, axpy_, blend_, scale_, add_channel_bias_, sum_hw, sumsq, mse_loss). Reductions accumulate per thread in
 the arrays' dtype (no float64 in float32 kernels); whole-array sums add one partial per block in float64
 on the host (the only copy down: one small array).
 """
@@ -75,6 +75,17 @@ def build_add(dt):
         for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
             a[i] = a[i] + b[i]
     return add_k
+
+
+@kernel(lambda t: (t.a1, t.a1, t.a1))
+def build_blend(dt):
+    """``x = (1 - mask) x + mask known``."""
+    ONE = dt.type(1.0)
+
+    def blend_k(x, known, mask):
+        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+            x[i] = (ONE - mask[i]) * x[i] + mask[i] * known[i]
+    return blend_k
 
 
 @kernel(lambda t: (t.a1, t.a1, t.s))
@@ -238,6 +249,18 @@ def add_(a, b):
         build_add(a.dtype)[grid1d(_size(a))](_flat(d_a), _flat(asarray(b)))
     _back(a, d_a)
     return a
+
+
+def blend_(x, known, mask):
+    """CUDA twin of :func:`difnumpy.kernels.reference.blend_`: ``x = (1 - mask) x + mask known``; returns ``x``."""
+    _check("x", x)
+    _check("known", known, None, x.dtype, x.shape)
+    _check("mask", mask, None, x.dtype, x.shape)
+    d_x = asarray(x)
+    if _size(x):
+        build_blend(x.dtype)[grid1d(_size(x))](_flat(d_x), _flat(asarray(known)), _flat(asarray(mask)))
+    _back(x, d_x)
+    return x
 
 
 def axpy_(y, x, s):
