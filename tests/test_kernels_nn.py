@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from difnumpy.kernels import cpu, reference as ref
+from difnumpy.kernels.cpu import _threads, conv as cpu_conv, groupnorm as cpu_gn, winograd as cpu_wino
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-11)}
 DTYPES = [np.float32, np.float64]
@@ -62,7 +63,7 @@ WINO_CASES = [(1, 1, 1, 1, 1), (2, 3, 1, 5, 2), (2, 2, 5, 1, 3), (3, 5, 7, 9, 4)
 @pytest.mark.parametrize("case", WINO_CASES)
 def test_winograd_conv_matches_reference_and_im2col(case, dtype, monkeypatch):
     N, C, H, W, F = case
-    assert cpu._conv_mode(3, 3, 1, 1) == 3  # the path under test is the one the U-Net takes
+    assert cpu_conv._conv_mode(3, 3, 1, 1) == 3  # the path under test is the one the U-Net takes
     rng = np.random.default_rng(sum(case))
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     w = rng.standard_normal((F, C, 3, 3)).astype(dtype)
@@ -72,8 +73,8 @@ def test_winograd_conv_matches_reference_and_im2col(case, dtype, monkeypatch):
            *cpu.conv2d_backward_weight(dout, x, w.shape, 1, 1))
     want = (ref.conv2d_forward(x, w, b, 1, 1), ref.conv2d_backward_input(dout, w, x.shape, 1, 1),
             *ref.conv2d_backward_weight(dout, x, w.shape, 1, 1))
-    monkeypatch.setattr(cpu, "USE_WINOGRAD", False)
-    assert cpu._conv_mode(3, 3, 1, 1) == 0
+    monkeypatch.setattr(cpu_conv, "USE_WINOGRAD", False)  # the flag is read in cpu.conv
+    assert cpu_conv._conv_mode(3, 3, 1, 1) == 0
     im2col = (cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1),
               *cpu.conv2d_backward_weight(dout, x, w.shape, 1, 1))
     for g, r, i in zip(got, want, im2col):
@@ -86,7 +87,7 @@ def test_winograd_transform_matrices_reproduce_a_direct_tile():
     """Y = A^T [(G g G^T) * (B^T d B)] A equals the 2x2 valid correlation of one 4x4 tile (Lavin & Gray eq. 8)."""
     rng = np.random.default_rng(1)
     d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
-    Gm = cpu._WINO_G
+    Gm = cpu_wino._WINO_G
     Bt = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float)
     At = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)
     y = At @ ((Gm @ g @ Gm.T) * (Bt @ d @ Bt.T)) @ At.T
@@ -127,23 +128,80 @@ def test_group_norm_silu_match_reference(shape, groups, silu, dtype):
         _close(a, r, dtype)
 
 
-def test_fast_sigmoid_float32_extremes():
-    """The float32 vectorised exp saturates cleanly (no inf/NaN) for huge |y|."""
-    x = np.array([-1e4, -100.0, -30.0, -1.0, 0.0, 1.0, 30.0, 100.0, 1e4], np.float32).reshape(1, 1, 1, 9)
-    g = np.ones(1, np.float32)
-    # groups=1 on a single channel normalises; undo that by using the pre-normalised values directly
-    out, mean, rstd = cpu.group_norm_silu_forward(x, g, np.zeros(1, np.float32), 1, 1e-5, True)
-    out_r, _, _ = ref.group_norm_silu_forward(x, g, np.zeros(1, np.float32), 1, 1e-5, True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_silu_reaches_the_extremes(dtype):
+    """GroupNorm+SiLU at |y| up to 1e4 (float32: the vectorised exp saturates without inf/NaN).
+
+    gamma = std and beta = mean undo the normalisation, so the SiLU sees y = x itself (up to rounding):
+    +-1e4, +-100, +-30 are reached, not normalised to about +-2.
+    """
+    x = np.array([-1e4, -100.0, -88.5, -87.0, -30.0, -1.0, 0.0, 1.0, 30.0, 87.0, 100.0, 1e4], dtype)
+    x = x.reshape(1, 1, 1, -1)
+    gam = np.array([x.std()], dtype)
+    bet = np.array([x.mean()], dtype)
+    out, mean, rstd = cpu.group_norm_silu_forward(x, gam, bet, 1, 0.0, True)
+    out_r, _, _ = ref.group_norm_silu_forward(x, gam, bet, 1, 0.0, True)
     assert np.all(np.isfinite(out))
-    np.testing.assert_allclose(out, out_r, rtol=2e-6, atol=1e-7)
-    y = np.linspace(-120, 120, 4001, dtype=np.float32).reshape(1, 1, 1, -1)
-    # compare SiLU with gamma chosen so that the normalised values span a wide range
-    yn = (y - y.mean()) / y.std()
-    gam = np.array([y.std()], np.float32)
-    o, _, _ = cpu.group_norm_silu_forward(y, gam, np.zeros(1, np.float32), 1, 0.0, True)
-    o_r, _, _ = ref.group_norm_silu_forward(y, gam, np.zeros(1, np.float32), 1, 0.0, True)
-    assert np.all(np.isfinite(o)) and yn.shape == o.shape
+    y = (x - mean[0, 0]) * rstd[0, 0] * gam[0] + bet[0]
+    np.testing.assert_allclose(y, x, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-3)  # y spans +-1e4
+    assert out.ravel()[-1] == pytest.approx(1e4, rel=1e-5) and abs(out.ravel()[0]) < 1e-30
+    tol = dict(rtol=2e-6, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, out_r, **tol)
+    # the backward at the extremes: SiLU'(y) -> 1 for y >> 0 and -> 0 for y << 0
+    dout = np.ones_like(x)
+    got = cpu.group_norm_silu_backward(dout, x, gam, bet, mean, rstd, 1, True)
+    want = ref.group_norm_silu_backward(dout, x, gam, bet, mean, rstd, 1, True)
+    for a, r in zip(got, want):
+        assert np.all(np.isfinite(a))
+        _close(a, r, dtype)
+    # a wide sweep through the region where the float32 exp polynomial changes exponent
+    y = np.linspace(-120, 120, 4001).astype(dtype).reshape(1, 1, 1, -1)
+    gam, bet = np.array([y.std()], dtype), np.array([y.mean()], dtype)
+    o, _, _ = cpu.group_norm_silu_forward(y, gam, bet, 1, 0.0, True)
+    o_r, _, _ = ref.group_norm_silu_forward(y, gam, bet, 1, 0.0, True)
+    assert np.all(np.isfinite(o)) and o.max() > 119.0 and o.min() < -0.27
     np.testing.assert_allclose(o, o_r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nthreads", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_silu_parallel_path_matches_reference(silu, dtype, nthreads, monkeypatch):
+    """Above _GN_PARALLEL_MIN elements the (image, group) blocks are split over the threads: the split
+    path agrees with the twin and with the one-thread path bit for bit (whatever the machine's cores:
+    the kernels' threads are a pool of Python threads)."""
+    shape, groups = (5, 16, 32, 32), 4  # 81,920 elements, above the threshold
+    assert np.prod(shape) >= cpu_gn._GN_PARALLEL_MIN
+    rng = np.random.default_rng(7)
+    x = (2.0 * rng.standard_normal(shape) - 0.5).astype(dtype)
+    gamma = rng.standard_normal(shape[1]).astype(dtype)
+    beta = rng.standard_normal(shape[1]).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+
+    def run():
+        fwd = cpu.group_norm_silu_forward(x, gamma, beta, groups, 1e-5, silu)
+        return fwd + cpu.group_norm_silu_backward(dout, x, gamma, beta, fwd[1], fwd[2], groups, silu)
+
+    monkeypatch.setattr(_threads, "_nthreads", lambda: 1)
+    assert cpu_gn._gn_threads(x.size) == 1
+    one = run()
+    monkeypatch.setattr(_threads, "_nthreads", lambda: nthreads)
+    assert cpu_gn._gn_threads(x.size) == nthreads
+    many = run()
+    fwd = ref.group_norm_silu_forward(x, gamma, beta, groups, 1e-5, silu)
+    want = fwd + ref.group_norm_silu_backward(dout, x, gamma, beta, fwd[1], fwd[2], groups, silu)
+    for a, b, r in zip(one, many, want):
+        np.testing.assert_array_equal(a, b)
+        assert b.dtype == dtype and b.shape == r.shape
+        _close(b, r, dtype)
+    # and with the threshold lowered (module attribute read at call time), a small shape splits too
+    monkeypatch.setattr(cpu_gn, "_GN_PARALLEL_MIN", 1)
+    xs = x[:3, :, :5, :7].copy()
+    assert cpu_gn._gn_threads(xs.size) == nthreads
+    o, m, r = cpu.group_norm_silu_forward(xs, gamma, beta, groups, 1e-5, silu)
+    o_r, m_r, r_r = ref.group_norm_silu_forward(xs, gamma, beta, groups, 1e-5, silu)
+    for a, b in ((o, o_r), (m, m_r), (r, r_r)):
+        _close(a, b, dtype)
 
 
 def test_bad_input_raises():

@@ -1,0 +1,51 @@
+"""The ``"cpu"`` backend: ``numba.njit`` kernels on host NumPy arrays (see ARCHITECTURE.md, "Backends").
+
+It provides every function of :data:`difnumpy.kernels.api.BACKEND_API` and the optional hooks
+``step_scope``, ``batch_shares`` and ``run_shares``. Every compiled kernel has a NumPy twin with the same
+signature in :mod:`difnumpy.kernels.reference` and a test asserting that they agree. All kernels are
+compiled with ``cache=True``: the first call compiles (seconds), later calls and processes reuse the
+cached machine code. No result depends on ``numba.get_num_threads()`` (see :mod:`._threads`).
+
+Modules, one per op family:
+
+- :mod:`._threads`: the worker pool, BLAS held to one thread, the batch split into shares;
+- :mod:`.elementwise`: forward process, sampler update, SiLU, in-place sums, reductions, MSE loss;
+- :mod:`.conv` (im2col, 1x1 and the dispatch) and :mod:`.winograd` (F(2x2, 3x3));
+- :mod:`.groupnorm`: fused GroupNorm + SiLU;
+- :mod:`.layout`: channel concat / split, nearest 2x upsampling;
+- :mod:`.optim`: Adam and the EMA.
+
+The array functions and the linear layer (one BLAS GEMM) are the NumPy twins themselves.
+"""
+from __future__ import annotations
+
+from difnumpy.kernels.cpu._threads import batch_shares, run_shares, step_scope
+from difnumpy.kernels.cpu.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
+from difnumpy.kernels.cpu.elementwise import (add_, add_channel_bias_, axpy_, blend_, embedding_backward,
+                                              embedding_forward, mse_loss, q_sample,
+                                              sampler_update, scale_, silu_backward, silu_forward, sum_hw, sumsq)
+from difnumpy.kernels.cpu.groupnorm import group_norm_silu_backward, group_norm_silu_forward
+from difnumpy.kernels.cpu.layout import (concat_channels, split_channels, upsample_nearest2x_backward,
+                                         upsample_nearest2x_forward)
+from difnumpy.kernels.cpu.optim import adam_update, ema_update
+from difnumpy.kernels.reference import (asarray, copy, copy_into, is_array, linear_backward, linear_forward,
+                                        to_host, zeros)
+
+_step_scope = step_scope  # the old name, until difnumpy.nn.unet calls step_scope
+
+__all__ = [
+    # arrays
+    "is_array", "asarray", "to_host", "zeros", "copy", "copy_into",
+    # diffusion
+    "q_sample", "sampler_update",
+    # nn
+    "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
+    "group_norm_silu_forward", "group_norm_silu_backward", "linear_forward", "linear_backward",
+    "silu_forward", "silu_backward", "add_", "axpy_", "scale_", "add_channel_bias_", "blend_", "sum_hw", "embedding_forward", "embedding_backward", "sumsq",
+    "mse_loss", "upsample_nearest2x_forward", "upsample_nearest2x_backward", "concat_channels",
+    "split_channels",
+    # optim
+    "adam_update", "ema_update",
+    # optional hooks
+    "step_scope", "batch_shares", "run_shares",
+]

@@ -1,0 +1,233 @@
+"""Threads of the numba CPU backend: the worker pool, BLAS held to one thread, the batch split.
+
+Why not numba's parallel layer (measured on the shared 2-core Sapphire Rapids dev machine): numba's
+``omp`` layer (GNU OpenMP) waits by spinning; on a shared machine a spinning thread holds a core while
+its peer is descheduled, and a 0.3 ms GroupNorm took 8-16 ms (50x) with 2 threads.
+OMP_WAIT_POLICY=PASSIVE cures it only if set before the first OpenMP runtime loads (with torch
+imported first numba binds torch's libgomp). So the kernels are serial ``nogil`` numba functions that
+take a share ``(t, nt)`` of the work, and :func:`_run_split` runs share 0 in the calling thread and
+the others on a small ``ThreadPoolExecutor`` (futex-based futures: ~85 us of hand-off per call, never
+a collapse). ``nt`` is ``numba.get_num_threads()``.
+
+Reproducibility across thread counts (issue 14): no result may depend on ``nt``. Work that is
+*written* per image or per chunk (forward convs, GroupNorm) is the same whoever computes it. Work that
+is *summed* (weight gradients) is summed per fixed part (:func:`_parts`: boundaries that depend on the
+problem's size only), each part in a fixed order, then the parts in part order; threads only decide
+who computes which part. :func:`batch_shares` splits a batch into shares that depend on
+its size only (at most :data:`SHARE_IMAGES` images each), and :func:`run_shares` returns results in
+share order (the U-Net sums the shares' gradients in that order).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+
+try:  # optional: keep BLAS single-threaded inside our own threaded loops
+    from threadpoolctl import ThreadpoolController as _TPC
+except ImportError:  # pragma: no cover
+    _TPC = None
+_TP_CONTROLLER = None
+
+
+def _nthreads() -> int:
+    """The number of threads the kernels may use: ``numba.get_num_threads()`` (thread-local)."""
+    return max(1, int(numba.get_num_threads()))
+
+
+# ---- BLAS held to one thread ----
+_BLAS_HOLD_LOCK = threading.Lock()
+_BLAS_HOLD = [0, None]  # [depth, active threadpoolctl limiter]: BLAS's thread count is process-global
+
+
+class _BlasOneThread:
+    """Context manager: BLAS limited to one thread while ``nt > 1`` of our threads run (no-op otherwise).
+
+    Re-entrant: nested scopes (a model step around its kernel calls) set the limit once and restore
+    it when the outermost scope exits.
+    """
+
+    def __init__(self, nt=2):
+        self._on = nt > 1 and _TPC is not None
+
+    def __enter__(self):
+        global _TP_CONTROLLER
+        if self._on:
+            with _BLAS_HOLD_LOCK:
+                if _BLAS_HOLD[0] == 0:
+                    if _TP_CONTROLLER is None:
+                        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot BLAS; load before scanning)
+                        _TP_CONTROLLER = _TPC()
+                    _BLAS_HOLD[1] = _TP_CONTROLLER.limit(limits=1, user_api="blas")
+                _BLAS_HOLD[0] += 1
+        return self
+
+    def __exit__(self, *exc):
+        if self._on:
+            with _BLAS_HOLD_LOCK:
+                _BLAS_HOLD[0] -= 1
+                if _BLAS_HOLD[0] == 0:
+                    limiter, _BLAS_HOLD[1] = _BLAS_HOLD[1], None
+                    limiter.restore_original_limits()
+        return False
+
+
+def step_scope():
+    """Context for a whole model pass on this backend (used by :class:`difnumpy.nn.unet.UNet`).
+
+    With ``numba.get_num_threads() > 1`` it holds BLAS to one thread for the whole forward or backward
+    pass, not only inside each kernel: a multi-threaded BLAS call (the U-Net's small linear layers)
+    leaves OpenBLAS's worker threads spinning (sched_yield) for ~0.1 s, and on a loaded 2-core machine
+    they took the core that our second share needed (8x8 training step 2.3x slower, measured).
+    """
+    return _BlasOneThread(_nthreads())
+
+
+# ---- the worker pool and kernel-level splitting ----
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers):
+    """The shared worker pool (created lazily, grown if more workers are asked for)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="difnumpy-nn")
+        return _POOL
+
+
+_SHARE = threading.local()  # .active: this thread is running a batch share (its kernels run serially)
+
+
+def _run_split(kernel, nt, blas, *args):
+    """Run ``kernel(*args, t, nt)`` for ``t = 0 .. nt-1`` concurrently (share 0 in this thread).
+
+    ``kernel`` is a ``nogil`` numba function whose result must not depend on ``nt`` (it only decides
+    who computes what); ``blas``: hold BLAS to one thread while the shares run.
+    """
+    if nt <= 1 or getattr(_SHARE, "active", False):  # inside a batch share: serial (no nested pool use)
+        kernel(*args, 0, 1)
+        return
+    pool = _pool(nt - 1)
+    ctx = _BlasOneThread(nt) if blas else contextlib.nullcontext()
+    with ctx:
+        futs = [pool.submit(kernel, *args, t, nt) for t in range(1, nt)]
+        try:
+            kernel(*args, 0, nt)
+        finally:
+            for f in futs:
+                f.result()
+
+
+#: at most this many parts per summed reduction (enough for 8 threads) ...
+_MAX_PARTS = 8
+#: ... and at least this many chunks per part (each extra part costs a zeroed partial and a sum)
+_PART_CHUNKS = 2
+
+
+def _parts(nchunks: int) -> int:
+    """How many fixed parts a reduction over ``nchunks`` chunks is summed in (independent of threads).
+
+    Part ``p`` of ``P`` covers chunks ``p * nchunks // P`` to ``(p + 1) * nchunks // P`` (summed in
+    chunk order); the ``P`` partial results are then summed in part order.
+    """
+    return max(1, min(_MAX_PARTS, nchunks // _PART_CHUNKS))
+
+
+# ---- whole-pass data parallelism: the batch split into fixed shares ----
+# A 2-thread kernel call costs ~85 us of hand-off (waking a sleeping worker on this VM, then the GIL);
+# a U-Net pass makes 30-60 such calls. Splitting the *batch* instead, each thread running the whole
+# pass on its shares with single-threaded kernels, needs a few hand-offs per pass and no per-kernel
+# barrier: measured 19 % (forward) and 18 % (forward+backward) faster at 8x8, 15 % / 9 % at 28x28
+# (batch 128, two shares of 64 on 2 threads). Shares of at most 32 images cost 12 % (train) and 17 %
+# (forward) more CPU time than shares of 64 at 8x8, batch 128 (per-pass overhead), so shares are 64.
+SHARE_IMAGES = 64  # images per share at most ...
+_MIN_SHARE = 4  # ... and at least: a batch of fewer than 2 * _MIN_SHARE images runs as one pass
+
+
+def batch_shares(n: int):
+    """How a whole model pass over ``n`` images is split: ``None`` (one pass) or ``(start, stop)`` ranges.
+
+    The shares depend on ``n`` only, never on the thread count (so that the gradients, summed share by
+    share in share order, are the same bits with any number of threads): ``ceil(n / SHARE_IMAGES)``
+    shares of balanced sizes, and at least two from ``2 * _MIN_SHARE`` images on (so that two threads
+    share a small batch). :func:`run_shares` runs them on the threads there are.
+    """
+    n = int(n)
+    k = max(-(-n // SHARE_IMAGES), 2 if n >= 2 * _MIN_SHARE else 1)
+    if k < 2:
+        return None
+    bounds = [n * i // k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class _Counter:
+    """Hands out 0, 1, 2, ... to concurrent callers (and ``end`` for ever once :meth:`stop` is called)."""
+
+    def __init__(self, end: int):
+        self._next = 0
+        self._end = end
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            k = min(self._next, self._end)
+            self._next += 1
+            return k
+
+    def stop(self) -> None:
+        with self._lock:
+            self._next = self._end
+
+
+def _worker(fn, shares, counter, results, errors):
+    """Run the shares ``counter`` hands out until none is left (the kernels single-threaded)."""
+    prev = numba.get_num_threads()  # thread-local in numba: kernels called by fn run serially
+    prev_active = getattr(_SHARE, "active", False)
+    numba.set_num_threads(1)
+    _SHARE.active = True
+    try:
+        while True:
+            k = counter.take()
+            if k >= len(shares):
+                return
+            try:
+                results[k] = fn(k, *shares[k])
+            except Exception as e:  # re-raised by run_shares once every share has run
+                errors[k] = e
+            except BaseException:  # KeyboardInterrupt, SystemExit: no further share starts
+                counter.stop()
+                raise
+    finally:
+        _SHARE.active = prev_active
+        numba.set_num_threads(prev)
+
+
+def run_shares(fn, shares):
+    """Run ``fn(k, start, stop)`` for every share; returns the results in share order.
+
+    The shares are spread over ``min(numba.get_num_threads(), len(shares))`` threads (this thread and
+    pool workers), each taking the next share not yet taken; inside ``fn`` the numba kernels run
+    single-threaded. Which thread runs a share does not change its result. An exception of any share
+    is re-raised here (the lowest share's first) after all shares have finished.
+    """
+    shares = [(int(a), int(b)) for a, b in shares]
+    nt = min(_nthreads(), len(shares))
+    if getattr(_SHARE, "active", False):
+        nt = 1  # already inside a share: no nested pool use
+    results = [None] * len(shares)
+    errors = [None] * len(shares)
+    counter = _Counter(len(shares))
+    futs = [_pool(nt - 1).submit(_worker, fn, shares, counter, results, errors) for _ in range(nt - 1)]
+    try:
+        _worker(fn, shares, counter, results, errors)
+    finally:
+        for f in futs:
+            f.result()
+    for e in errors:
+        if e is not None:
+            raise e
+    return results

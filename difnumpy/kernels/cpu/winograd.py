@@ -1,0 +1,350 @@
+"""Winograd F(2x2, 3x3) for 3x3 / stride-1 / pad-1 convs: forward and backward-weight.
+
+The backward-input pass is a forward conv with flipped weights (:func:`.conv.conv2d_backward_input`).
+Dispatched from :mod:`.conv` (its ``USE_WINOGRAD`` flag); measured about 2x faster than the im2col path.
+
+Threads (:mod:`._threads`): chunks of images (sizes from the shapes only) are split over the threads.
+The forward writes each chunk's outputs; the weight gradient's transformed dU is summed per fixed part
+of chunks (:func:`._threads._parts`, chunks in order within a part), then the parts in part order, so no
+result depends on the thread count.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from difnumpy.kernels.cpu import _threads
+
+# Lavin & Gray 2016 (arXiv 1509.09308), Sec. 4.1, eq. 8-10: each 2x2 output tile Y of one (image, filter) is
+#     Y = A^T [ sum_c (G g_fc G^T) ⊙ (B^T d_c B) ] A,   d_c the 4x4 input tile of channel c,
+# i.e. 16 GEMMs (one per position k of the 4x4 tile) of the transformed weights U[k] (F, C) with the
+# transformed tiles V[k] (C, tiles): 16 multiplies per 2x2 outputs instead of 36, 2.25x fewer flops.
+# Layout (measured choices, 2-core AVX-512 machine, float32, batch 128):
+# - the input tile transform vectorises over channels: each image is first transposed into a zero-
+#   padded HWC buffer with even and odd columns stored apart, so that every step of B^T d B is one
+#   contiguous vector loop over (tiles of a row) x channels. Vectorised over the 4-8 tiles of a row
+#   instead, it ran 4x slower at 8x8.
+# - all inner loops index slices (views) with the loop counter: computed offsets (``a[o + i]``) kept
+#   LLVM from vectorising them (numba's negative-index handling), 6-10x slower.
+# - the 16 planes lie _WINO_PAD elements more than a power of two apart (L1 set conflicts);
+# - the transformed tiles of a chunk (about _WINO_TILES tiles) stay in L2 next to BLAS's packs.
+# Exactness: float64 and float32 agree with the direct conv to rounding (tests); F(2x2, 3x3) uses only
+# the points 0, +-1 (and 1/2 in G), so it is as accurate as the direct sum.
+
+_WINO_TILES = 256
+_WINO_PAD = 48
+_WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+@numba.njit(cache=True, inline="always")
+def _axpby(a, sa, b, sb, out):
+    for i in range(out.size):
+        out[i] = sa * a[i] + sb * b[i]
+
+
+@numba.njit(cache=True, inline="always")
+def _sum3(a, b, sb, d, sd, out):
+    for i in range(out.size):
+        out[i] = a[i] + sb * b[i] + sd * d[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino_input(xn, th, tw, xh, rt, Vf, PV, p0):
+    """V[k][p0 + ti*tw + tj, :] = (B^T d B)[k] for every 4x4 tile of image ``xn`` (C, H, W).
+
+    ``xh``: (2*th+2) rows of (2*tw+2) pixels x C, zero border, columns 2J and 2J+1 stored at J and
+    tw+1+J; ``rt``: 4 rows scratch; plane k of V starts at ``Vf[k * PV]``, row p at ``p * C``.
+    """
+    C, H, W = xn.shape
+    Wp = 2 * tw + 2
+    half = tw + 1
+    RC = Wp * C
+    L = tw * C
+    one = xh.dtype.type(1.0)
+    for i in range(H):
+        for j in range(W):
+            jj = j + 1
+            o = (i + 1) * RC + ((jj & 1) * half + (jj >> 1)) * C
+            row = xh[o:o + C]
+            for c in range(C):
+                row[c] = xn[c, i, j]
+    for ti in range(th):
+        r = 2 * ti * RC
+        d0 = xh[r:r + RC]
+        d1 = xh[r + RC:r + 2 * RC]
+        d2 = xh[r + 2 * RC:r + 3 * RC]
+        d3 = xh[r + 3 * RC:r + 4 * RC]
+        # B^T d (rows): d0 - d2, d1 + d2, d2 - d1, d1 - d3
+        _axpby(d0, one, d2, -one, rt[0:RC])
+        _axpby(d1, one, d2, one, rt[RC:2 * RC])
+        _axpby(d2, one, d1, -one, rt[2 * RC:3 * RC])
+        _axpby(d1, one, d3, -one, rt[3 * RC:4 * RC])
+        # (.) B (columns a0..a3 = even[J], odd[J], even[J+1], odd[J+1]): a0 - a2, a1 + a2, a2 - a1, a1 - a3
+        o = (p0 + ti * tw) * C
+        for q in range(4):
+            e = q * RC
+            od = e + half * C
+            e0 = rt[e:e + L]
+            e1 = rt[e + C:e + C + L]
+            o0 = rt[od:od + L]
+            o1 = rt[od + C:od + C + L]
+            k = 4 * q * PV + o
+            _axpby(e0, one, e1, -one, Vf[k:k + L])
+            _axpby(o0, one, e1, one, Vf[k + PV:k + PV + L])
+            _axpby(e1, one, o0, -one, Vf[k + 2 * PV:k + 2 * PV + L])
+            _axpby(o0, one, o1, -one, Vf[k + 3 * PV:k + 3 * PV + L])
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino_fwd_kernel(x, Ub, F, b, th, tw, G, out, t, nthreads):
+    N, C, H, W = x.shape
+    TT = th * tw
+    nchunks = (N + G - 1) // G
+    PV = G * TT * C + _WINO_PAD
+    PM = G * TT * F + _WINO_PAD
+    xh = np.zeros((2 * th + 2) * (2 * tw + 2) * C, x.dtype)
+    rt = np.empty(4 * (2 * tw + 2) * C, x.dtype)
+    Vf = np.empty(16 * PV, x.dtype)
+    Mf = np.empty(16 * PM, x.dtype)
+    Sf = np.empty(8 * PM, x.dtype)
+    one = x.dtype.type(1.0)
+    for ch in range(t, nchunks, nthreads):
+        n0 = ch * G
+        g = min(G, N - n0)
+        T = g * TT
+        FT = F * T
+        for gg in range(g):
+            _wino_input(x[n0 + gg], th, tw, xh, rt, Vf, PV, gg * TT)
+        for k in range(16):
+            # M[k] (T, F) = V[k] (T, C) @ U[k]^T (C, F); (F, T) = U @ V^T measured 1.8x slower in OpenBLAS
+            np.dot(Vf[k * PV:k * PV + T * C].reshape(T, C), Ub[k, :C * F].reshape(C, F),
+                   Mf[k * PM:k * PM + FT].reshape(T, F))
+        # A^T M: S_p = m_p + m_{4+p} + m_{8+p}, D_p = m_{4+p} - m_{8+p} - m_{12+p}
+        for p in range(4):
+            _sum3(Mf[p * PM:p * PM + FT], Mf[(4 + p) * PM:(4 + p) * PM + FT], one,
+                  Mf[(8 + p) * PM:(8 + p) * PM + FT], one, Sf[p * PM:p * PM + FT])
+            _sum3(Mf[(4 + p) * PM:(4 + p) * PM + FT], Mf[(8 + p) * PM:(8 + p) * PM + FT], -one,
+                  Mf[(12 + p) * PM:(12 + p) * PM + FT], -one, Sf[(4 + p) * PM:(4 + p) * PM + FT])
+        # (.) A: Y_{a0} = r_0 + r_1 + r_2, Y_{a1} = r_1 - r_2 - r_3 (r = S for a = 0, D for a = 1)
+        for a in range(2):
+            s = 4 * a * PM
+            _sum3(Sf[s:s + FT], Sf[s + PM:s + PM + FT], one, Sf[s + 2 * PM:s + 2 * PM + FT], one,
+                  Mf[2 * a * PM:2 * a * PM + FT])
+            _sum3(Sf[s + PM:s + PM + FT], Sf[s + 2 * PM:s + 2 * PM + FT], -one,
+                  Sf[s + 3 * PM:s + 3 * PM + FT], -one, Mf[(2 * a + 1) * PM:(2 * a + 1) * PM + FT])
+        # out[n, f, 2ti + a, 2tj + b] = Y_{ab}[tile, f] + b[f]
+        for gg in range(g):
+            on = out[n0 + gg]
+            for i in range(H):
+                s = 2 * (i & 1) * PM + (gg * TT + (i >> 1) * tw) * F
+                for j in range(W):
+                    o = s + (j & 1) * PM + (j >> 1) * F
+                    src = Mf[o:o + F]
+                    for f in range(F):
+                        on[f, i, j] = src[f] + b[f]
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino_dy_tiles(dn, th, tw, Yf, PM, T, p0):
+    """Planes 2a+b of ``Yf`` (each (F, T), PM apart) get dn[f, 2ti + a, 2tj + b] at column p0 + ti*tw + tj.
+
+    A function of its own: inlined in the backward kernel the same loops ran 3x slower (measured).
+    """
+    F, H, W = dn.shape
+    W2 = W >> 1
+    TT = th * tw
+    zero = dn.dtype.type(0.0)
+    for f in range(F):
+        src = dn[f]
+        s = f * T + p0
+        y00 = Yf[s:s + TT]
+        y01 = Yf[PM + s:PM + s + TT]
+        y10 = Yf[2 * PM + s:2 * PM + s + TT]
+        y11 = Yf[3 * PM + s:3 * PM + s + TT]
+        for ti in range(H >> 1):
+            r0 = src[2 * ti]
+            r1 = src[2 * ti + 1]
+            o = ti * tw
+            for tj in range(W2):
+                y00[o + tj] = r0[2 * tj]
+                y01[o + tj] = r0[2 * tj + 1]
+                y10[o + tj] = r1[2 * tj]
+                y11[o + tj] = r1[2 * tj + 1]
+        # odd sizes: the last tile column / row reaches outside the image. Kept out of the loop
+        # above: the never-taken branch in it made LLVM's code 8x slower at 8x8 (measured).
+        if W & 1:
+            for i in range(H):
+                o = (i >> 1) * tw + tw - 1
+                if i & 1:
+                    y10[o] = src[i, W - 1]
+                    y11[o] = zero
+                else:
+                    y00[o] = src[i, W - 1]
+                    y01[o] = zero
+        if H & 1:
+            o = (th - 1) * tw
+            r0 = src[H - 1]
+            for tj in range(W2):
+                y00[o + tj] = r0[2 * tj]
+                y01[o + tj] = r0[2 * tj + 1]
+            y10[o:o + tw] = zero
+            y11[o:o + tw] = zero
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino_bwd_weight_kernel(dout, x, th, tw, G, dU_parts, t, nthreads):
+    """dU_parts[p, k, :F*C] = sum over the chunks of part p (in chunk order) of Z[k] (F, T) @ V[k] (T, C).
+
+    ``P = dU_parts.shape[0]`` fixed parts (:func:`._threads._parts`); thread ``t`` computes parts t, t + nt, ...
+    """
+    N, C, H, W = x.shape
+    F = dout.shape[1]
+    TT = th * tw
+    nchunks = (N + G - 1) // G
+    PV = G * TT * C + _WINO_PAD
+    PM = G * TT * F + _WINO_PAD
+    xh = np.zeros((2 * th + 2) * (2 * tw + 2) * C, x.dtype)
+    rt = np.empty(4 * (2 * tw + 2) * C, x.dtype)
+    Vf = np.empty(16 * PV, x.dtype)
+    Yf = np.empty(4 * PM, x.dtype)
+    Rf = np.empty(8 * PM, x.dtype)
+    Zf = np.empty(16 * PM, x.dtype)
+    tmp = np.empty((F, C), x.dtype)
+    one = x.dtype.type(1.0)
+    zero = x.dtype.type(0.0)
+    P = dU_parts.shape[0]
+    for p in range(t, P, nthreads):
+        dU = dU_parts[p]  # (16, >= F*C)
+        for ch in range(p * nchunks // P, (p + 1) * nchunks // P):
+            _wino_bwd_weight_chunk(dout, x, th, tw, G, ch, ch == p * nchunks // P, dU, xh, rt, Vf, Yf, Rf, Zf, tmp,
+                                   PV, PM, one, zero)
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino_bwd_weight_chunk(dout, x, th, tw, G, ch, first, dU, xh, rt, Vf, Yf, Rf, Zf, tmp, PV, PM, one, zero):
+    """Chunk ``ch``'s term of dU: written into ``dU`` when ``first``, else added to it."""
+    N, C = x.shape[0], x.shape[1]
+    F = dout.shape[1]
+    TT = th * tw
+    n0 = ch * G
+    g = min(G, N - n0)
+    T = g * TT
+    FT = F * T
+    for gg in range(g):
+        _wino_input(x[n0 + gg], th, tw, xh, rt, Vf, PV, gg * TT)
+        _wino_dy_tiles(dout[n0 + gg], th, tw, Yf, PM, T, gg * TT)
+    # A dY (rows): R_{0b} = y_{0b}, R_{1b} = y_{0b} + y_{1b}, R_{2b} = y_{0b} - y_{1b}, R_{3b} = -y_{1b}
+    for bb in range(2):
+        y0 = Yf[bb * PM:bb * PM + FT]
+        y1 = Yf[(2 + bb) * PM:(2 + bb) * PM + FT]
+        _axpby(y0, one, y1, zero, Rf[bb * PM:bb * PM + FT])
+        _axpby(y0, one, y1, one, Rf[(2 + bb) * PM:(2 + bb) * PM + FT])
+        _axpby(y0, one, y1, -one, Rf[(4 + bb) * PM:(4 + bb) * PM + FT])
+        _axpby(y0, zero, y1, -one, Rf[(6 + bb) * PM:(6 + bb) * PM + FT])
+    # (.) A^T (columns): Z_{q0} = R_{q0}, Z_{q1} = R_{q0} + R_{q1}, Z_{q2} = R_{q0} - R_{q1}, Z_{q3} = -R_{q1}
+    for q in range(4):
+        r0 = Rf[2 * q * PM:2 * q * PM + FT]
+        r1 = Rf[(2 * q + 1) * PM:(2 * q + 1) * PM + FT]
+        k = 4 * q
+        _axpby(r0, one, r1, zero, Zf[k * PM:k * PM + FT])
+        _axpby(r0, one, r1, one, Zf[(k + 1) * PM:(k + 1) * PM + FT])
+        _axpby(r0, one, r1, -one, Zf[(k + 2) * PM:(k + 2) * PM + FT])
+        _axpby(r0, zero, r1, -one, Zf[(k + 3) * PM:(k + 3) * PM + FT])
+    for k in range(16):
+        # dU[k] (F, C) += Z[k] (F, T) @ V[k] (T, C)
+        Zk = Zf[k * PM:k * PM + FT].reshape(F, T)
+        Vk = Vf[k * PV:k * PV + T * C].reshape(T, C)
+        if first:
+            np.dot(Zk, Vk, dU[k, :F * C].reshape(F, C))
+        else:
+            np.dot(Zk, Vk, tmp)
+            dU[k, :F * C] += tmp.ravel()
+
+
+@numba.njit(cache=True, inline="always")
+def _g_rows(g0, g1, g2, h):
+    """G (g0, g1, g2)^T: the 4 entries of G g for one column of a 3x3 kernel."""
+    return g0, h * (g0 + g1 + g2), h * (g0 - g1 + g2), g2
+
+
+@numba.njit(cache=True, inline="always")
+def _gt_rows(u0, u1, u2, u3, h):
+    """G^T (u0, u1, u2, u3)^T: the adjoint of :func:`_g_rows`."""
+    return u0 + h * (u1 + u2), h * (u1 - u2), h * (u1 + u2) + u3
+
+
+@numba.njit(cache=True)
+def _wino_weights(w, Ub):
+    """Ub[4k + l, c*F + f] = (G w[f, c] G^T)[k, l]: plane k of ``Ub`` (16, >= C*F) is U[k]^T, shape (C, F).
+
+    Planes are padded apart (``Ub.shape[1] > C*F``) and written in order: 16 plane streams a power of
+    two apart conflicted in L1 (8x slower).
+    """
+    F, C = w.shape[0], w.shape[1]
+    h = w.dtype.type(0.5)
+    wf = w.reshape(F, C * 9)
+    for c in range(C):
+        for f in range(F):
+            g = wf[f, 9 * c:9 * c + 9]
+            a0, a1, a2, a3 = _g_rows(g[0], g[3], g[6], h)  # column 0 of G g
+            b0, b1, b2, b3 = _g_rows(g[1], g[4], g[7], h)
+            c0, c1, c2, c3 = _g_rows(g[2], g[5], g[8], h)
+            q = c * F + f
+            # row k of (G g) G^T
+            Ub[0, q], Ub[1, q], Ub[2, q], Ub[3, q] = _g_rows(a0, b0, c0, h)
+            Ub[4, q], Ub[5, q], Ub[6, q], Ub[7, q] = _g_rows(a1, b1, c1, h)
+            Ub[8, q], Ub[9, q], Ub[10, q], Ub[11, q] = _g_rows(a2, b2, c2, h)
+            Ub[12, q], Ub[13, q], Ub[14, q], Ub[15, q] = _g_rows(a3, b3, c3, h)
+
+
+@numba.njit(cache=True)
+def _wino_weight_grad(dUb, dw):
+    """dw[f, c] = G^T dU[f, c] G, the adjoint of :func:`_wino_weights`; plane 4k + l of ``dUb`` is dU[k, l] (F, C)."""
+    F, C = dw.shape[0], dw.shape[1]
+    h = dw.dtype.type(0.5)
+    for f in range(F):
+        for c in range(C):
+            q = f * C + c
+            # column l of G^T dU
+            p0, p1, p2 = _gt_rows(dUb[0, q], dUb[4, q], dUb[8, q], dUb[12, q], h)
+            q0, q1, q2 = _gt_rows(dUb[1, q], dUb[5, q], dUb[9, q], dUb[13, q], h)
+            r0, r1, r2 = _gt_rows(dUb[2, q], dUb[6, q], dUb[10, q], dUb[14, q], h)
+            s0, s1, s2 = _gt_rows(dUb[3, q], dUb[7, q], dUb[11, q], dUb[15, q], h)
+            dw[f, c, 0, 0], dw[f, c, 0, 1], dw[f, c, 0, 2] = _gt_rows(p0, q0, r0, s0, h)
+            dw[f, c, 1, 0], dw[f, c, 1, 1], dw[f, c, 1, 2] = _gt_rows(p1, q1, r1, s1, h)
+            dw[f, c, 2, 0], dw[f, c, 2, 1], dw[f, c, 2, 2] = _gt_rows(p2, q2, r2, s2, h)
+
+
+def _wino_chunk(TT, N, C, F, itemsize):
+    """Images per chunk: the chunk's 16 planes of C + F rows take about 1 MiB (they stay in L2)."""
+    tiles = max(32, min(2 * _WINO_TILES, (1 << 20) // (16 * itemsize * max(C + F, 1))))
+    return max(1, min(N, tiles // TT))
+
+
+def _wino_forward(x, w, b):
+    N, C, H, W = x.shape
+    F = w.shape[0]
+    th, tw = (H + 1) // 2, (W + 1) // 2
+    Ub = np.empty((16, C * F + _WINO_PAD), x.dtype)
+    _wino_weights(w, Ub)
+    G = _wino_chunk(th * tw, N, C, F, x.itemsize)
+    nt = min(_threads._nthreads(), (N + G - 1) // G)
+    out = np.empty((N, F, H, W), x.dtype)
+    _threads._run_split(_wino_fwd_kernel, nt, True, x, Ub, F, b, th, tw, G, out)
+    return out
+
+
+def _wino_backward_weight(dout, x):
+    N, C, H, W = x.shape
+    F = dout.shape[1]
+    th, tw = (H + 1) // 2, (W + 1) // 2
+    G = _wino_chunk(th * tw, N, C, F, x.itemsize)
+    nchunks = (N + G - 1) // G
+    P = _threads._parts(nchunks)  # fixed parts, summed in part order: the same bits with any thread count
+    dU_parts = (np.empty if N else np.zeros)((P, 16, F * C + _WINO_PAD), x.dtype)  # each part's first chunk writes it
+    _threads._run_split(_wino_bwd_weight_kernel, min(_threads._nthreads(), P), True, dout, x, th, tw, G, dU_parts)
+    dw = np.empty((F, C, 3, 3), x.dtype)
+    _wino_weight_grad(dU_parts[0] if P == 1 else dU_parts[:, :, :F * C].sum(axis=0), dw)
+    # per-plane float32 sums over the contiguous H*W axis, then float64 over N (fast; (0, 2, 3) is not)
+    db = dout.reshape(N, F, H * W).sum(axis=2).sum(axis=0, dtype=np.float64)
+    return dw, db.astype(x.dtype)
