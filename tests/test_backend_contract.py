@@ -67,6 +67,8 @@ def _cases(rng, dt):
         "add_channel_bias_": ((x.copy(), _r(rng, (N, C), dt)), 0),
         "blend_": ((x.copy(), _r(rng, x.shape, dt), (rng.uniform(size=x.shape) < 0.5).astype(dt)), 0),
         "sum_hw": ((x,), None),
+        "embedding_forward": ((_r(rng, (5, 3), dt), np.array([4, 0, 4])), None),
+        "embedding_backward": ((_r(rng, (3, 7), dt), np.array([2, 0, 2]), 4), None),
         "sumsq": ((x,), None),
         "mse_loss": ((x, _r(rng, x.shape, dt)), None),
         "upsample_nearest2x_forward": ((x,), None),

@@ -187,9 +187,10 @@ def test_array_functions(dt, rng):
 # ---------------------------------------------------------------------------------------------------
 # every compute function of the API against its NumPy twin, with NumPy and with device arrays
 
-COEF_ARGS = {"q_sample": (2, 3), "sampler_update": (3, 4, 5)}   # host float64 in the API on every backend
-IN_PLACE = {"add_": (0,), "axpy_": (0,), "scale_": (0,), "add_channel_bias_": (0,), "adam_update": (0, 2, 3),
-            "ema_update": (0,)}
+COEF_ARGS = {"q_sample": (2, 3), "sampler_update": (3, 4, 5),     # host arrays in the API on every backend
+             "embedding_forward": (1,), "embedding_backward": (1,)}
+IN_PLACE = {"add_": (0,), "axpy_": (0,), "scale_": (0,), "add_channel_bias_": (0,), "blend_": (0,),
+            "adam_update": (0, 2, 3), "ema_update": (0,)}
 
 
 def api_cases(rng, dt):
@@ -217,7 +218,10 @@ def api_cases(rng, dt):
         "axpy_": (r(5), r(5), 0.3),
         "scale_": (r(2, 2, 3), -1.7),
         "add_channel_bias_": (r(2, 3, 2, 2), r(2, 3)),
+        "blend_": (r(2, 3, 2, 2), r(2, 3, 2, 2), (rng.uniform(size=(2, 3, 2, 2)) < 0.5).astype(dt)),
         "sum_hw": (r(2, 3, 2, 3),),
+        "embedding_forward": (r(5, 3), np.array([4, 0, 4, 2])),
+        "embedding_backward": (r(4, 3), np.array([2, 0, 2, 2]), 5),
         "sumsq": (r(4, 5),),
         "mse_loss": (r(2, 1, 3, 3), r(2, 1, 3, 3)),
         "upsample_nearest2x_forward": (r(2, 3, 2, 3),),

@@ -47,6 +47,8 @@ BACKEND_API: dict[str, str] = {
     "add_channel_bias_": "add_channel_bias_(h, t) -> h: h[n, c, :, :] += t[n, c]",
     "blend_": "blend_(x, known, mask) -> x: x = (1 - mask) x + mask known (mask of x's shape, in {0, 1})",
     "sum_hw": "sum_hw(h) -> (N, C): h summed over H and W",
+    "embedding_forward": "embedding_forward(table, idx) -> table[idx]: rows of a (R, D) table, idx host int64 (N,)",
+    "embedding_backward": "embedding_backward(dout, idx, num_rows) -> (R, D): dout's rows summed per index",
     "sumsq": "sumsq(a) -> float: sum of squares, accumulated in float64",
     "mse_loss": "mse_loss(pred, target) -> (loss: float, dpred); DDPM eq. 14",
     "upsample_nearest2x_forward": "upsample_nearest2x_forward(x) -> (N, C, 2H, 2W)",

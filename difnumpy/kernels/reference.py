@@ -553,6 +553,48 @@ def sum_hw(h: np.ndarray) -> np.ndarray:
     return h.reshape(N, C, -1).sum(axis=2, dtype=np.float64).astype(h.dtype)
 
 
+def _check_idx(idx, num_rows: int) -> np.ndarray:
+    """Host int64 indices in [0, num_rows), shape (N,) (shared by every backend's embedding)."""
+    a = np.asarray(idx)
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.integer) or a.ndim != 1:
+        raise TypeError(f"idx must be a 1-D integer array, got dtype {a.dtype} shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= num_rows):
+        raise ValueError(f"idx must lie in [0, {num_rows - 1}], got values in [{int(a.min())}, {int(a.max())}]")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def embedding_forward(table: np.ndarray, idx) -> np.ndarray:
+    """Rows of an embedding table: ``out[n] = table[idx[n]]``.
+
+    Parameters
+    ----------
+    table : ndarray, shape (R, D), float32 or float64
+    idx : array_like of int, shape (N,), values in [0, R) (a host array on every backend)
+
+    Returns
+    -------
+    out : ndarray, shape (N, D), dtype of ``table``
+    """
+    return np.ascontiguousarray(table[_check_idx(idx, table.shape[0])])
+
+
+def embedding_backward(dout: np.ndarray, idx, num_rows: int) -> np.ndarray:
+    """Gradient of :func:`embedding_forward` w.r.t. the table: ``dtable[r] = sum_{n: idx[n] = r} dout[n]``.
+
+    Parameters
+    ----------
+    dout : ndarray, shape (N, D); idx : int array (N,); num_rows : int, R
+
+    Returns
+    -------
+    dtable : ndarray, shape (R, D), dtype of ``dout`` (summed in float64, in sample order)
+    """
+    idx = _check_idx(idx, int(num_rows))
+    out = np.zeros((int(num_rows), dout.shape[1]), dtype=np.float64)
+    np.add.at(out, idx, dout.astype(np.float64))
+    return out.astype(dout.dtype)
+
+
 def sumsq(a: np.ndarray) -> float:
     """``sum(a**2)`` over all elements, accumulated in float64 (a Python float)."""
     flat = a.astype(np.float64, copy=False).reshape(-1)

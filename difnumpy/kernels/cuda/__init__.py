@@ -26,7 +26,8 @@ from __future__ import annotations
 from difnumpy.kernels.cuda._runtime import (KERNELS, SIMULATOR, asarray, copy, copy_into, cuda, cuda_available,
                                             is_array, to_host, zeros)
 from difnumpy.kernels.cuda.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
-from difnumpy.kernels.cuda.elementwise import (add_, add_channel_bias_, axpy_, blend_, mse_loss, q_sample, sampler_update,
+from difnumpy.kernels.cuda.elementwise import (add_, add_channel_bias_, axpy_, blend_, embedding_backward,
+                                               embedding_forward, mse_loss, q_sample, sampler_update,
                                                scale_, silu_backward, silu_forward, sum_hw, sumsq)
 from difnumpy.kernels.cuda.groupnorm import group_norm_silu_backward, group_norm_silu_forward
 from difnumpy.kernels.cuda.layout import (concat_channels, split_channels, upsample_nearest2x_backward,
@@ -40,7 +41,7 @@ __all__ = [
     "q_sample", "sampler_update",
     "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
     "group_norm_silu_forward", "group_norm_silu_backward", "linear_forward", "linear_backward",
-    "silu_forward", "silu_backward", "add_", "axpy_", "scale_", "add_channel_bias_", "blend_", "sum_hw", "sumsq", "mse_loss",
+    "silu_forward", "silu_backward", "add_", "axpy_", "scale_", "add_channel_bias_", "blend_", "sum_hw", "embedding_forward", "embedding_backward", "sumsq", "mse_loss",
     "upsample_nearest2x_forward", "upsample_nearest2x_backward", "concat_channels", "split_channels",
     "adam_update", "ema_update",
     # the backend's own

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from difnumpy.kernels.cuda._device import block_sum_d, silu_d, silu_grad_d
+from difnumpy.kernels.reference import _check_idx as _idx_check
 from difnumpy.kernels.cuda._runtime import (RED, _back, _check, _coef, _flat, _ret, asarray, cuda, grid1d,
                                             grid_reduce, is_array, kernel, numba, to_host)
 
@@ -138,6 +139,35 @@ def build_sum_hw(dt):
                     acc += h[n, c, yy, xx]
             out[n, c] = acc
     return sum_hw_k
+
+
+@kernel(lambda t: (t.a2, numba.int64[::1], t.a2))
+def build_embedding_fwd(dt):
+    """``out[n, d] = table[idx[n], d]``: one thread per output."""
+    def embedding_fwd_k(table, idx, out):
+        D = out.shape[1]
+        for i in range(cuda.grid(1), out.shape[0] * D, cuda.gridsize(1)):
+            n = i // D
+            out[n, i - n * D] = table[idx[n], i - n * D]
+    return embedding_fwd_k
+
+
+@kernel(lambda t: (t.a2, numba.int64[::1], t.a2))
+def build_embedding_bwd(dt):
+    """``dtable[r, d] = sum_{idx[n] = r} dout[n, d]``: one thread per (r, d), samples in order (no atomics)."""
+    ZERO = dt.type(0.0)
+
+    def embedding_bwd_k(dout, idx, dtable):
+        D = dtable.shape[1]
+        for i in range(cuda.grid(1), dtable.shape[0] * D, cuda.gridsize(1)):
+            r = i // D
+            d = i - r * D
+            acc = ZERO
+            for n in range(idx.shape[0]):
+                if idx[n] == r:
+                    acc += dout[n, d]
+            dtable[r, d] = acc
+    return embedding_bwd_k
 
 
 @kernel(lambda t: (t.a1, t.a1))
@@ -309,6 +339,30 @@ def sum_hw(h):
     if _size(out):
         build_sum_hw(dt)[grid1d(_size(out))](asarray(h), out)
     return _ret(is_array(h), out)
+
+
+def embedding_forward(table, idx):
+    """CUDA twin of :func:`difnumpy.kernels.reference.embedding_forward`: ``table[idx]``, (N, D)."""
+    _check("table", table, 2)
+    idx = _idx_check(idx, int(table.shape[0]))
+    dt = np.dtype(table.dtype)
+    out = cuda.device_array((int(idx.shape[0]), int(table.shape[1])), dtype=dt)
+    if _size(out):
+        build_embedding_fwd(dt)[grid1d(_size(out))](asarray(table), cuda.to_device(idx), out)
+    return _ret(is_array(table), out)
+
+
+def embedding_backward(dout, idx, num_rows):
+    """CUDA twin of :func:`difnumpy.kernels.reference.embedding_backward` (sums in ``dout``'s dtype)."""
+    _check("dout", dout, 2)
+    idx = _idx_check(idx, int(num_rows))
+    if idx.shape[0] != int(dout.shape[0]):
+        raise ValueError(f"idx must have dout's {int(dout.shape[0])} rows, got {idx.shape[0]}")
+    dt = np.dtype(dout.dtype)
+    out = cuda.device_array((int(num_rows), int(dout.shape[1])), dtype=dt)
+    if _size(out):
+        build_embedding_bwd(dt)[grid1d(_size(out))](asarray(dout), cuda.to_device(idx), out)
+    return _ret(is_array(dout), out)
 
 
 def _partial_sums(k, n, dt, *args) -> float:
