@@ -41,7 +41,8 @@ __all__ = [
     # nn
     "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
     "group_norm_silu_forward", "group_norm_silu_backward", "linear_forward", "linear_backward",
-    "silu_forward", "silu_backward", "add_", "axpy_", "scale_", "add_channel_bias_", "blend_", "sum_hw", "embedding_forward", "embedding_backward", "sumsq",
+    "silu_forward", "silu_backward", "add_", "axpy_", "scale_", "add_channel_bias_", "blend_", "sum_hw",
+    "embedding_forward", "embedding_backward", "sumsq",
     "mse_loss", "upsample_nearest2x_forward", "upsample_nearest2x_backward", "concat_channels",
     "split_channels",
     # optim

@@ -333,7 +333,10 @@ def embedding_forward(table: np.ndarray, idx) -> np.ndarray:
 
 
 def embedding_backward(dout: np.ndarray, idx, num_rows: int) -> np.ndarray:
-    """``dtable[r] = sum_{idx[n] = r} dout[n]`` (float64 sums, sample order). Twin: :func:`reference.embedding_backward`."""
+    """``dtable[r] = sum_{idx[n] = r} dout[n]`` (float64 sums, sample order).
+
+    Twin: :func:`reference.embedding_backward`.
+    """
     _check_float("dout", dout)
     if dout.ndim != 2:
         raise ValueError(f"dout must have shape (N, D), got {dout.shape}")
