@@ -62,7 +62,8 @@ _FORMAT_NAME = "difnumpy-checkpoint"
 _ZIP_MAGIC = b"PK\x03\x04"
 _OPTIM_SCALARS = ("step", "lr", "beta1", "beta2", "eps", "weight_decay")
 _HPARAM_KEYS = ("lr", "ema_decay", "prediction_type", "weight_decay", "grad_clip", "warmup_steps",
-                "optimizer", "betas", "eps", "backend")
+                "optimizer", "betas", "eps", "backend", "label_dropout")
+_HPARAM_DEFAULTS = {"label_dropout": 0.0}  # hyperparameters added later: files written before them lack them
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 
@@ -215,13 +216,18 @@ def _check_run_metadata(run: Any, where: str, model_config: dict | None = None) 
 def _trainer_arrays(trainer: Trainer, metadata: dict | None) -> dict[str, np.ndarray]:
     if not isinstance(trainer, Trainer):
         raise TypeError(f"trainer must be a difnumpy Trainer, got {type(trainer).__name__}")
-    trainer.sync_to_host()  # backend="cuda": the state of the last step lives on the device
     model = trainer.model
-    params = model.params
+    # NumPy copies of the parameters (on backend="cuda" they live on the device)
+    params = model.host_params() if callable(getattr(model, "host_params", None)) else model.params
     config = getattr(model, "config", None)
     if not isinstance(config, dict):
         raise TypeError(f"trainer.model must have a .config dict, got {type(model).__name__}")
     run = _check_run_metadata(metadata, "metadata", config)
+    model_k = config.get("num_classes")
+    if run["num_classes"] is None:
+        run["num_classes"] = model_k  # the model says it
+    elif run["num_classes"] != model_k:
+        raise ValueError(f"metadata: num_classes={run['num_classes']} contradicts the model's num_classes={model_k}")
     opt_state = trainer.optimizer.state_dict()
     ema_state = trainer.ema.state_dict()
     meta = {
@@ -296,7 +302,7 @@ def save_checkpoint(path: str | os.PathLike, trainer: Trainer, metadata: dict | 
 
     Notes
     -----
-    A ``backend="cuda"`` trainer's device state is downloaded first (:meth:`~difnumpy.trainer.Trainer.sync_to_host`).
+    A ``backend="cuda"`` trainer's device state is copied down (``model.host_params()``, ``state_dict()``).
     The arrays, all numeric (checked), are written with ``np.savez`` (no keyword options, so the archive
     holds the same entries on every NumPy version) to a temporary file in the same directory, flushed and
     fsynced, then moved over ``path`` with ``os.replace`` (atomic on POSIX and Windows); on any error the
@@ -458,11 +464,14 @@ def _build_model(path: str, meta: dict, arrays: dict, prefix: str, model_cls=Non
                          f"missing {sorted(set(params) - stored)[:5]}, unexpected {sorted(stored - set(params))[:5]}")
     for k, p in params.items():
         a = arrays[f"{prefix}/{k}"]
-        if a.shape != p.shape or a.dtype != p.dtype:
+        if a.shape != tuple(p.shape) or a.dtype != p.dtype:
             raise ValueError(f"checkpoint file {path!r}: {prefix}/{k} is {a.dtype} {a.shape} but the model "
-                             f"built from its config has {p.dtype} {p.shape} (another config?)")
-    for k, p in params.items():
-        p[...] = arrays[f"{prefix}/{k}"]
+                             f"built from its config has {p.dtype} {tuple(p.shape)} (another config?)")
+    if callable(getattr(model, "set_params", None)):  # copies to the model's backend (the device on cuda)
+        model.set_params({k: arrays[f"{prefix}/{k}"] for k in params})
+    else:
+        for k, p in params.items():
+            p[...] = arrays[f"{prefix}/{k}"]
     return model
 
 
@@ -548,6 +557,8 @@ def load_checkpoint(path: str | os.PathLike, *, model_cls=None, backend: str | N
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint file {path!r}: invalid schedule: {e}") from None
     hp = meta["trainer"]
+    if isinstance(hp, dict):
+        hp = {**{k: v for k, v in _HPARAM_DEFAULTS.items() if k not in hp}, **hp}
     if not isinstance(hp, dict) or set(hp) != set(_HPARAM_KEYS):
         raise ValueError(f"checkpoint file {path!r}: trainer hyperparameters must have the keys "
                          f"{sorted(_HPARAM_KEYS)}, got {sorted(hp) if isinstance(hp, dict) else hp!r}")

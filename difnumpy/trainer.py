@@ -70,8 +70,17 @@ def _check_x0(x0, name: str = "x0") -> np.ndarray:
     return x0
 
 
+def drop_labels(class_labels: np.ndarray, num_classes: int, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Replace each label by K (= ``num_classes``, "no class") with probability ``p`` (one uniform draw
+    per sample from ``rng``): the label dropout of classifier-free guidance (Ho & Salimans 2022, Alg. 1)."""
+    if p <= 0.0:
+        return class_labels
+    return np.where(rng.random(class_labels.shape[0]) < p, num_classes, class_labels).astype(np.int64)
+
+
 def loss_and_grads(model, schedule: Schedule, x0: np.ndarray, rng: np.random.Generator,
-                   prediction_type: str = "epsilon") -> tuple[float, dict]:
+                   prediction_type: str = "epsilon", class_labels=None,
+                   label_dropout: float = 0.0) -> tuple[float, dict]:
     """The simplified DDPM loss on a batch and its gradients with respect to ``model.params``.
 
     Parameters
@@ -86,6 +95,10 @@ def loss_and_grads(model, schedule: Schedule, x0: np.ndarray, rng: np.random.Gen
         in that order.
     prediction_type : {"epsilon", "sample", "v_prediction"}
         Regression target: ``eps``, ``x0`` or ``v``.
+    class_labels : int array (N,) in [0, K], optional
+        For a class-conditional model (``model.num_classes = K``); each is replaced by K with probability
+        ``label_dropout``, drawn from ``rng`` after ``t`` and ``eps`` (:func:`drop_labels`).
+    label_dropout : float in [0, 1]
 
     Returns
     -------
@@ -121,7 +134,18 @@ def loss_and_grads(model, schedule: Schedule, x0: np.ndarray, rng: np.random.Gen
         target = d_x0
     else:  # v = sqrt(abar) eps - sqrt(1 - abar) x0: q_sample's a x0 + b eps with (a, b) = (-s1m, sab)
         target = kern.q_sample(d_x0, d_eps, -s1m, sab)
-    out, cache = model.forward(x_t, t)
+    if class_labels is None:
+        out, cache = model.forward(x_t, t)
+    else:
+        K = getattr(model, "num_classes", None)
+        if K is None:
+            raise ValueError("class_labels given, but the model is not class-conditional (num_classes is None)")
+        y = np.asarray(class_labels)
+        if y.dtype == bool or not np.issubdtype(y.dtype, np.integer) or y.shape != (n,):
+            raise ValueError(f"class_labels must be an int array of shape ({n},), got {y.dtype} {y.shape}")
+        if y.min() < 0 or y.max() > K:
+            raise ValueError(f"class_labels must lie in [0, {K}], got values in [{int(y.min())}, {int(y.max())}]")
+        out, cache = model.forward(x_t, t, class_labels=drop_labels(y.astype(np.int64), K, label_dropout, rng))
     if tuple(getattr(out, "shape", ())) != x0.shape:
         raise ValueError(f"model output must have the shape of x0 {x0.shape}, got "
                          f"{getattr(out, 'shape', type(out).__name__)}")
@@ -169,6 +193,9 @@ class Trainer:
         Global gradient-norm bound (None: no clipping).
     warmup_steps : int >= 0, default 0
         Linear learning-rate warmup length (:func:`difnumpy.nn.optim.lr_at`).
+    label_dropout : float in [0, 1], default 0.0
+        Probability of replacing each class label by "no class" (K) in a step: trains the conditional
+        and the unconditional model at once, for classifier-free guidance (Ho & Salimans 2022, Sec. 3.2).
     optimizer : {"adam", "adamw"}, default "adam"
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8
@@ -202,7 +229,7 @@ class Trainer:
     def __init__(self, model, schedule: Schedule, lr: float = 2e-4, ema_decay: float = 0.999, rng=None,
                  prediction_type: str = "epsilon", weight_decay: float = 0.0, grad_clip: float | None = 1.0,
                  warmup_steps: int = 0, optimizer: str = "adam", betas=(0.9, 0.999), eps: float = 1e-8,
-                 backend: str | None = None):
+                 backend: str | None = None, label_dropout: float = 0.0):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a difnumpy Schedule, got {type(schedule).__name__}")
         params = _model_params(model)
@@ -234,6 +261,10 @@ class Trainer:
         self.rng = as_generator(rng)
         self.grad_clip = grad_clip
         self.warmup_steps = int(warmup_steps)
+        if isinstance(label_dropout, bool) or not isinstance(label_dropout, (numbers.Real, np.floating)) \
+                or not 0.0 <= float(label_dropout) <= 1.0:
+            raise ValueError(f"label_dropout must be a number in [0, 1], got {label_dropout!r}")
+        self.label_dropout = float(label_dropout)
         self.backend = _model_backend(model)
         self._kern = get_backend(self.backend)
         opt_cls = AdamW if self.optimizer_name == "adamw" else Adam
@@ -281,7 +312,8 @@ class Trainer:
         return {"lr": self.lr, "ema_decay": self._ema.decay, "prediction_type": self.prediction_type,
                 "weight_decay": opt.weight_decay, "grad_clip": self.grad_clip,
                 "warmup_steps": self.warmup_steps, "optimizer": self.optimizer_name,
-                "betas": list(opt.betas), "eps": opt.eps, "backend": self.backend}
+                "betas": list(opt.betas), "eps": opt.eps, "backend": self.backend,
+                "label_dropout": self.label_dropout}
 
     def __repr__(self) -> str:
         return (f"Trainer(step_count={self.step_count}, lr={self.lr}, optimizer={self.optimizer_name!r}, "
@@ -309,7 +341,7 @@ class Trainer:
                 raise ValueError(f"{name}.params was replaced by arrays of other keys, shapes or dtypes")
             holder.params = new
 
-    def step(self, x0_batch: np.ndarray) -> float:
+    def step(self, x0_batch: np.ndarray, class_labels=None) -> float:
         """One training step on a clean batch; returns the loss (before the update).
 
         Order: lr from the warmup schedule; :func:`loss_and_grads` (draws t then eps from :attr:`rng`);
@@ -319,6 +351,8 @@ class Trainer:
         ----------
         x0_batch : ndarray, shape (N, C, H, W), float
             Clean batch (cast to the model's dtype).
+        class_labels : int array (N,) in [0, K], optional
+            The batch's classes, for a class-conditional model (dropped to K with ``label_dropout``).
 
         Raises
         ------
@@ -327,7 +361,8 @@ class Trainer:
         """
         self._sync_params()
         lr = lr_at(self.step_count + 1, self.lr, self.warmup_steps)
-        loss, grads = loss_and_grads(self._model, self.schedule, x0_batch, self.rng, self.prediction_type)
+        loss, grads = loss_and_grads(self._model, self.schedule, x0_batch, self.rng, self.prediction_type,
+                                     class_labels, self.label_dropout)
         if not math.isfinite(loss):
             raise DivergenceError(f"non-finite loss ({loss}) at step {self.step_count + 1}; "
                                   f"the update was not applied")

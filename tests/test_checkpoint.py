@@ -367,9 +367,9 @@ def test_metadata_round_trip(tmp_path, saved):
                   "format_version": FORMAT_VERSION}
     meta, _ = read_checkpoint(path)
     assert read_metadata(meta) == md and set(meta["run"]) == set(RUN_METADATA_KEYS)
-    # the class count has its place, for class-conditional models to fill in
-    save_checkpoint(path, tr, metadata=dict(META, num_classes=10))
-    assert read_metadata(path)["num_classes"] == 10
+    # the class count is the model's: a contradicting one is refused
+    with pytest.raises(ValueError, match="num_classes=10 contradicts"):
+        save_checkpoint(path, tr, metadata=dict(META, num_classes=10))
     # written without metadata: every run field is stored, as null (unknown), never a default
     save_checkpoint(path, tr)
     md = read_metadata(path)

@@ -135,7 +135,7 @@ def test_same_rng_same_params_and_config_rebuilds():
         np.testing.assert_array_equal(a.params[k], b.params[k])
     assert any(not np.array_equal(a.params[k], c.params[k]) for k in a.params)
     cfg = json.loads(json.dumps(a.config))          # plain JSON-able
-    assert cfg == {**TINY, "channel_mults": [1, 2], "dtype": "float32", "backend": "numpy"}
+    assert cfg == {**TINY, "channel_mults": [1, 2], "dtype": "float32", "backend": "numpy", "num_classes": None}
     d = UNet(**cfg, rng=42)
     assert list(d.params) == list(a.params)
     for k in a.params:

@@ -30,6 +30,7 @@ __all__ = [
     "group_norm_silu_forward", "group_norm_silu_backward",
     "upsample_nearest_forward", "upsample_nearest_backward",
     "concat_forward", "concat_backward",
+    "embedding_forward", "embedding_backward",
     "timestep_embedding",
     "mse_loss",
     "sigmoid",
@@ -381,6 +382,38 @@ def concat_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, ...]:
     """Backward of :func:`concat_forward`: ``dout`` split back into one gradient per input."""
     channels, kern = cache
     return kern.split_channels(dout, channels)
+
+
+# --------------------------------------------------------------------------------------------
+# embedding table
+# --------------------------------------------------------------------------------------------
+
+def embedding_forward(table: np.ndarray, idx, *, backend: str | ModuleType = "numpy") -> tuple[np.ndarray, tuple]:
+    """Look up rows of an embedding table: ``out[n] = table[idx[n]]`` (PyTorch's ``nn.Embedding``).
+
+    Parameters
+    ----------
+    table : ndarray, shape (R, D), float32 or float64
+    idx : array_like of int, shape (N,), values in [0, R) (host integers on every backend)
+    backend : {"numpy", "cpu", "cuda"}
+
+    Returns
+    -------
+    out : ndarray, shape (N, D), dtype of ``table``
+    cache : tuple, for :func:`embedding_backward`
+    """
+    kern = _kernels(backend)
+    table = _check_float_array("table", table, 2, kern)
+    idx = np.asarray(idx)
+    if idx.dtype == bool or not np.issubdtype(idx.dtype, np.integer) or idx.ndim != 1:
+        raise TypeError(f"idx must be a 1-D integer array, got dtype {idx.dtype} shape {idx.shape}")
+    return kern.embedding_forward(table, idx), (idx, int(table.shape[0]), kern)
+
+
+def embedding_backward(dout: np.ndarray, cache: tuple) -> np.ndarray:
+    """Backward of :func:`embedding_forward`: ``dtable[r] = sum_{n: idx[n] = r} dout[n]``, shape (R, D)."""
+    idx, rows, kern = cache
+    return kern.embedding_backward(kern.asarray(dout), idx, rows)
 
 
 # --------------------------------------------------------------------------------------------

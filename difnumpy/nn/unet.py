@@ -2,7 +2,10 @@
 
 The architecture is part of the reference (issue 3); with ``C = base_channels``:
 
-- time embedding: ``sinusoidal(t, C) -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C) = temb``;
+- time embedding: ``sinusoidal(t, C) -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C) = temb``; with
+  ``num_classes = K`` a class embedding ``label_emb[y]`` (a (K+1) x 4C table, row K = "no class") is
+  added to it, as improved-diffusion's ``label_emb`` (Nichol & Dhariwal 2021; the null row for
+  classifier-free guidance, Ho & Salimans 2022);
 - stem: ``Conv3x3(in_channels -> C)``, padding 1;
 - down path: for each level ``i`` (``C * channel_mults[i]`` channels) ``num_res_blocks`` ResBlocks, each
   output kept as a skip; between levels a Downsample = ``Conv3x3``, stride 2, padding 1, channels kept;
@@ -18,7 +21,7 @@ size: the default (``in_channels=1``) has exactly 410,721 parameters.
 
 Parameter keys (stable, in forward order), e.g. for the default model::
 
-    time.lin1.{w,b}  time.lin2.{w,b}  stem.{w,b}
+    time.lin1.{w,b}  time.lin2.{w,b}  [label_emb.w]  stem.{w,b}
     down.0.res.0.{norm1.gamma, norm1.beta, conv1.w, conv1.b, temb.w, temb.b,
                   norm2.gamma, norm2.beta, conv2.w, conv2.b[, skip.w, skip.b]}
     down.0.downsample.{w,b}  down.1.res.0.*  mid.res.*  up.1.res.0.*  up.1.upsample.{w,b}
@@ -26,7 +29,7 @@ Parameter keys (stable, in forward order), e.g. for the default model::
 
 Initialisation (from the explicit ``rng``): PyTorch's defaults for conv and linear layers
 (``kaiming_uniform_(a=sqrt(5))``, i.e. weights and biases ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``),
-GroupNorm ``gamma = 1, beta = 0``; and, as in the DDPM reference code, the last conv of every
+GroupNorm ``gamma = 1, beta = 0``, the class embedding ``N(0, 1)`` (``nn.Embedding``'s); and, as in the DDPM reference code, the last conv of every
 ResBlock (``conv2``) and the output conv start at zero, so that each ResBlock starts as its
 skip path and the untrained model predicts 0. Draws are made in float64 and cast, so the same
 seed gives the same parameters (to rounding) in float32 and float64.
@@ -79,6 +82,9 @@ class UNet:
     dtype : float32 or float64, dtype of the parameters and activations
     rng : numpy.random.Generator, int seed or None, for the initial parameters
     backend : {"numpy", "cpu", "cuda"}, the kernel backend every op of the graph runs on
+    num_classes : int >= 1 or None
+        K: a class-conditional model (``model(x, t, class_labels=y)``, y in [0, K], K = no class); None
+        (the default) is the unconditional model, unchanged (410,721 parameters by default).
 
     Attributes
     ----------
@@ -104,7 +110,8 @@ class UNet:
     """
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: Sequence[int] = (1, 2),
-                 num_res_blocks: int = 1, groups: int = 8, dtype=np.float32, rng=None, backend: str = "cpu"):
+                 num_res_blocks: int = 1, groups: int = 8, dtype=np.float32, rng=None, backend: str = "cpu",
+                 num_classes: int | None = None):
         self.in_channels = _as_int("in_channels", in_channels, 1)
         self.base_channels = _as_int("base_channels", base_channels, 2)
         if self.base_channels % 2:
@@ -116,6 +123,7 @@ class UNet:
         self.channel_mults = tuple(_as_int(f"channel_mults[{i}]", m, 1) for i, m in enumerate(channel_mults))
         self.num_res_blocks = _as_int("num_res_blocks", num_res_blocks, 1)
         self.groups = _as_int("groups", groups, 1)
+        self.num_classes = None if num_classes is None else _as_int("num_classes", num_classes, 1)
         self.dtype = _as_dtype(dtype)
         if isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)) and rng < 0:
             raise ValueError(f"rng must be a non-negative int seed, None or a numpy Generator, got {rng}")
@@ -170,6 +178,7 @@ class UNet:
             "channel_mults": list(self.channel_mults),
             "num_res_blocks": self.num_res_blocks,
             "groups": self.groups,
+            "num_classes": self.num_classes,
             "dtype": self.dtype.name,
             "backend": self.backend,
         }
@@ -206,6 +215,8 @@ class UNet:
 
         lin("time.lin1", C, T)
         lin("time.lin2", T, T)
+        if self.num_classes is not None:
+            shapes["label_emb.w"] = ((self.num_classes + 1, T), "normal")
         conv("stem", self.in_channels, C, 3)
         ch = C
         skip_ch: list[int] = []
@@ -241,6 +252,8 @@ class UNet:
         for key, (shape, init) in self._shapes.items():
             if init == "zero":
                 a = np.zeros(shape)
+            elif init == "normal":
+                a = rng.standard_normal(shape)
             elif init == "one":
                 a = np.ones(shape)
             else:                       # "uniform" (weights: fan_in from the shape) or "uniform:<fan_in>"
@@ -298,6 +311,26 @@ class UNet:
         return f"UNet({cfg})  # {self.num_params():,} params"
 
     # ---------------------------------------------------------------- input checks
+
+    def _check_labels(self, class_labels, n: int):
+        """Host int64 labels (N,) in [0, K] (K = no class), or None for an unconditional model."""
+        if self.num_classes is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given to an unconditional UNet (num_classes=None)")
+            return None
+        if class_labels is None:
+            return np.full(n, self.num_classes, dtype=np.int64)  # all "no class"
+        y = np.asarray(class_labels)
+        if y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(f"class_labels must be ints in [0, {self.num_classes}], got dtype {y.dtype}")
+        if y.ndim == 0:
+            y = np.full(n, int(y))
+        if y.shape != (n,):
+            raise ValueError(f"class_labels must be an int or have shape (N,) = ({n},), got shape {y.shape}")
+        if y.min() < 0 or y.max() > self.num_classes:
+            raise ValueError(f"class_labels must lie in [0, {self.num_classes}] ({self.num_classes} = no class), "
+                             f"got values in [{int(y.min())}, {int(y.max())}]")
+        return y.astype(np.int64)
 
     def _check_inputs(self, x, t):
         native = not isinstance(x, np.ndarray) and self._kern.is_array(x)
@@ -363,21 +396,23 @@ class UNet:
         split = getattr(self._kern, "batch_shares", None)
         return split(n) if split is not None else None
 
-    def _forward(self, x, t, keep: bool):
+    def _forward(self, x, t, keep: bool, class_labels=None):
         given_host = isinstance(x, np.ndarray) or not self._kern.is_array(x)
         with self._scope():
             x, t = self._check_inputs(x, t)
+            y = self._check_labels(class_labels, int(x.shape[0]))
             shares = self._shares(x.shape[0])
             if shares is None:
-                out, cache = self._forward_impl(x, t, keep)
+                out, cache = self._forward_impl(x, t, y, keep)
             else:
                 # data parallel (host backends): each thread runs the whole pass on its images
-                parts = self._kern.run_shares(lambda k, a, b: self._forward_impl(x[a:b], t[a:b], keep), shares)
+                parts = self._kern.run_shares(
+                    lambda k, a, b: self._forward_impl(x[a:b], t[a:b], None if y is None else y[a:b], keep), shares)
                 out = np.concatenate([p[0] for p in parts])
                 cache = {"shares": shares, "parts": [p[1] for p in parts]} if keep else None
         return (self._kern.to_host(out) if given_host else out), cache
 
-    def _forward_impl(self, x, t, keep: bool):
+    def _forward_impl(self, x, t, y, keep: bool):
         # x, t: already checked by _forward (once for the whole batch, not once per share)
         P, k = self.params, self._kern
         # time embedding (float64 sinusoid on the host, cast to the model dtype)
@@ -385,6 +420,10 @@ class UNet:
         e, c_l1 = L.linear_forward(e, P["time.lin1.w"], P["time.lin1.b"], backend=k)
         e, c_a1 = L.silu_forward(e, backend=k)
         e, c_l2 = L.linear_forward(e, P["time.lin2.w"], P["time.lin2.b"], backend=k)
+        c_y = None
+        if y is not None:  # the class embedding added to temb (improved-diffusion's label_emb)
+            ey, c_y = L.embedding_forward(P["label_emb.w"], y, backend=k)
+            k.add_(e, ey)
         temb_act, c_a2 = L.silu_forward(e, backend=k)  # SiLU(temb), shared by every ResBlock
 
         h, c_stem = L.conv2d_forward(x, P["stem.w"], P["stem.b"], 1, 1, backend=k)
@@ -418,7 +457,7 @@ class UNet:
         if not keep:
             return out, None
         cache = {
-            "time": (c_l1, c_a1, c_l2, c_a2),
+            "time": (c_l1, c_a1, c_l2, c_a2, c_y),
             "stem": c_stem,
             "down": down_c,
             "mid": mid_c,
@@ -427,13 +466,15 @@ class UNet:
         }
         return out, cache
 
-    def forward(self, x, t) -> tuple[np.ndarray, dict]:
+    def forward(self, x, t, class_labels=None) -> tuple[np.ndarray, dict]:
         """Training forward pass.
 
         Parameters
         ----------
         x : ndarray, shape (N, in_channels, H, W), cast to the model's dtype
         t : int or int array, shape (N,), timesteps >= 0
+        class_labels : int or int array (N,) in [0, K], optional (class-conditional models only;
+            None means every sample is "no class", label K)
 
         Returns
         -------
@@ -442,18 +483,18 @@ class UNet:
 
         Notes
         -----
-        ``cache`` = ``{"time": (lin1, silu1, lin2, silu2), "stem": conv, "down": [per op of the down
+        ``cache`` = ``{"time": (lin1, silu1, lin2, silu2, label_emb | None), "stem": conv, "down": [per op of the down
         path: ResBlock cache | conv cache], "mid": ResBlock cache, "up": [per op of the up path:
         (concat cache, ResBlock cache) | (upsample cache, conv cache)], "out": (gn_silu, conv)}``;
         a ResBlock cache is ``(gn_silu1, conv1, temb_linear, gn_silu2, conv2, skip_conv | None)``.
         Each entry is the cache of the corresponding :mod:`difnumpy.nn.layers` function.
         """
-        return self._forward(x, t, keep=True)
+        return self._forward(x, t, keep=True, class_labels=class_labels)
 
-    def __call__(self, x, t) -> np.ndarray:
-        """Inference forward pass (no cache kept): ``model(x_t, t) -> output``, shape of ``x``
-        (a NumPy array for a NumPy ``x``, a native array for a native one)."""
-        return self._forward(x, t, keep=False)[0]
+    def __call__(self, x, t, class_labels=None) -> np.ndarray:
+        """Inference forward pass (no cache kept): ``model(x_t, t[, class_labels]) -> output``, shape of
+        ``x`` (a NumPy array for a NumPy ``x``, a native array for a native one)."""
+        return self._forward(x, t, keep=False, class_labels=class_labels)[0]
 
     # ---------------------------------------------------------------- backward
 
@@ -556,8 +597,10 @@ class UNet:
                 dh, g[key + ".w"], g[key + ".b"] = L.conv2d_backward(dh, c)
         dx, g["stem.w"], g["stem.b"] = L.conv2d_backward(dh, cache["stem"], input_grad=return_input_grad)
 
-        c_l1, c_a1, c_l2, c_a2 = cache["time"]
+        c_l1, c_a1, c_l2, c_a2, c_y = cache["time"]
         de = L.silu_backward(dtemb, c_a2)
+        if c_y is not None:
+            g["label_emb.w"] = L.embedding_backward(de, c_y)
         de, g["time.lin2.w"], g["time.lin2.b"] = L.linear_backward(de, c_l2)
         de = L.silu_backward(de, c_a1)
         _, g["time.lin1.w"], g["time.lin1.b"] = L.linear_backward(de, c_l1)
