@@ -4,7 +4,11 @@ Methods, each matching one diffusers scheduler with that scheduler's defaults (`
 
 - ``"dpmpp_2m"``, ``"dpmpp_3m"``: multistep DPM-Solver++ of order 2 and 3 in the data-prediction form
   (Lu et al. 2022b, arXiv 2211.01095, Sec. 4 and Algorithm 2), diffusers' ``DPMSolverMultistepScheduler``
-  with ``algorithm_type="dpmsolver++"`` and ``solver_order`` 2 or 3.
+  with ``algorithm_type="dpmsolver++"`` and ``solver_order`` 2 or 3. One deliberate difference: diffusers'
+  third-order step (like the reference ``dpm_solver_pytorch.py`` it copies) weights its second divided
+  difference D2 by half the Taylor coefficient, which makes its "3M" globally second order
+  (``tests/test_solvers.py`` measures both); ``dpmpp_3m`` uses the full coefficient (third order) unless
+  ``diffusers_d2=True``, which reproduces diffusers exactly.
 - ``"dpmpp_2m_sde"``: the same scheduler with ``algorithm_type="sde-dpmsolver++"``, ``solver_order=2``.
 - ``"euler"``, ``"euler_ancestral"``, ``"heun"``: Karras et al. 2022 (EDM, arXiv 2206.00364), Algorithm 1
   (Heun; Euler is its first stage), diffusers' ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``
@@ -49,9 +53,10 @@ _DPM_DEFAULTS = {"prediction_type": "epsilon", "use_karras_sigmas": False, "fina
 #: each method's keyword options and their defaults (diffusers' names and defaults for that scheduler).
 #: ``euler_ancestral`` also takes ``use_karras_sigmas`` (diffusers' EulerAncestral has no such option; it follows
 #: EulerDiscreteScheduler's rule) and ``prediction_type="sample"`` (diffusers raises NotImplementedError).
+#: ``dpmpp_3m`` also takes ``diffusers_d2`` (not a diffusers option): True halves the D2 term as diffusers does.
 DEFAULTS: dict[str, dict] = {
     "dpmpp_2m": dict(_DPM_DEFAULTS),
-    "dpmpp_3m": dict(_DPM_DEFAULTS),
+    "dpmpp_3m": dict(_DPM_DEFAULTS, diffusers_d2=False),
     "dpmpp_2m_sde": dict(_DPM_DEFAULTS),
     "euler": {"prediction_type": "epsilon", "use_karras_sigmas": False, "final_sigmas_type": "zero"},
     "euler_ancestral": {"prediction_type": "epsilon", "use_karras_sigmas": False},
@@ -63,7 +68,7 @@ OPTIONS: dict[str, frozenset] = {m: frozenset(d) for m, d in DEFAULTS.items()}
 #: model calls per step: Heun evaluates the model twice (its last step, an Euler step to sigma = 0, once).
 CALLS_PER_STEP = {m: (2 if m == "heun" else 1) for m in METHODS}
 _ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2}
-_BOOLS = ("use_karras_sigmas", "lower_order_final", "euler_at_final", "thresholding", "clip_sample")
+_BOOLS = ("use_karras_sigmas", "lower_order_final", "euler_at_final", "thresholding", "clip_sample", "diffusers_d2")
 _CHOICES = {"prediction_type": PREDICTION_TYPES, "final_sigmas_type": ("zero", "sigma_min"),
             "solver_type": ("midpoint", "heun")}
 
@@ -122,9 +127,9 @@ def training_sigmas(schedule: Schedule) -> np.ndarray:
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, eq. 5: ``sigma_i = (sigma_max^(1/rho) + i / (n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
-    for i = 0..n-1 (descending, float64; rho = 7 as in the paper). ``n = 1`` gives ``[sigma_max]`` (diffusers'
-    ``linspace(0, 1, 1) = [0]``)."""
+    """Karras et al. 2022, eq. 5, for i = 0..n-1 (descending, float64; rho = 7 as in the paper):
+    ``sigma_i = (sigma_max^(1/rho) + i / (n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``.
+    ``n = 1`` gives ``[sigma_max]`` (diffusers' ``linspace(0, 1, 1) = [0]``)."""
     ramp = np.linspace(0.0, 1.0, int(n))
     lo, hi = float(sigma_min) ** (1.0 / rho), float(sigma_max) ** (1.0 / rho)
     return (hi + ramp * (lo - hi)) ** rho
@@ -353,7 +358,7 @@ class _Stepper:
 # the solvers
 
 
-def _dpm_coefficients(order: int, sig: list, sde: bool, solver_type: str):
+def _dpm_coefficients(order: int, sig: list, sde: bool, solver_type: str, diffusers_d2: bool = False):
     """``(a, [c_0, c_1, ...], e)`` with ``x_t = a x_s + sum_k c_k m_k + e z`` for one DPM-Solver++ step.
 
     ``sig = [sigma_t, sigma_s0, sigma_s1, ...]`` (the target level, then the current and earlier ones) and
@@ -365,7 +370,11 @@ def _dpm_coefficients(order: int, sig: list, sde: bool, solver_type: str):
     - order 1 (DDIM): ``x_t = (sigma_vp_t / sigma_vp_s) x_s + alpha_t (1 - e^-h) m_0``;
     - 2M midpoint (Algorithm 2): ``... + 0.5 alpha_t (1 - e^-h) D1``; ``solver_type="heun"``:
       ``... + alpha_t ((e^-h - 1) / h + 1) D1``;
-    - 3M: ``... + alpha_t ((e^-h - 1)/h + 1) D1 - alpha_t ((e^-h - 1 + h)/h^2 - 1/2) D2``;
+    - 3M: ``... + alpha_t ((e^-h - 1)/h + 1) D1 - 2 alpha_t ((e^-h - 1 + h)/h^2 - 1/2) D2``. D1 and D2 are the
+      divided differences of the three last predictions with ``D1 = h x0'`` and ``D2 = h^2 x0'' / 2`` for a
+      quadratic x0(lambda), and ``int_0^h e^-(h-u) u^2 du = -2 h^2 ((e^-h - 1 + h)/h^2 - 1/2)``, hence the 2.
+      diffusers (``diffusers_d2=True``) omits it: its step is exact for linear x0(lambda) only, its local
+      error O(h^3), the method globally second order;
     - SDE (``sde-dpmsolver++``): ``x_t = (sigma_vp_t / sigma_vp_s) e^-h x_s + alpha_t (1 - e^-2h) (m_0 + D1 / 2)
       + sigma_vp_t sqrt(1 - e^-2h) z``.
 
@@ -377,6 +386,8 @@ def _dpm_coefficients(order: int, sig: list, sde: bool, solver_type: str):
     alpha_t, sv_t = _alpha_sigma(sig[0])
     lam = [-math.log(s) for s in sig]
     h = lam[0] - lam[1]
+    if h <= 0.0:  # a step of size zero (sigma_min final level after a Karras sigma_min, up to rounding)
+        return 1.0, [0.0], 0.0
     em1 = math.expm1(-h)             # e^-h - 1
     sv_s = _alpha_sigma(sig[1])[1]
     if sde:
@@ -385,16 +396,15 @@ def _dpm_coefficients(order: int, sig: list, sde: bool, solver_type: str):
         k1 = 0.5 * k0 if solver_type == "midpoint" else alpha_t * (em2 / (-2.0 * h) + 1.0)
     else:
         a, k0, e = sv_t / sv_s, -alpha_t * em1, 0.0
-        k1 = 0.5 * k0 if solver_type == "midpoint" or order == 3 else alpha_t * (em1 / h + 1.0)
-        if order == 3:
-            k1 = alpha_t * (em1 / h + 1.0)
+        # the third-order step always uses the Taylor phi_2 for D1; a second-order step the solver_type's
+        k1 = 0.5 * k0 if solver_type == "midpoint" and order == 2 else alpha_t * (em1 / h + 1.0)
     if order == 1:
         return a, [k0], e
     r0 = (lam[1] - lam[2]) / h
     if order == 2:  # k0 m0 + k1 (m0 - m1) / r0
         return a, [k0 + k1 / r0, -k1 / r0], e
     r1 = (lam[2] - lam[3]) / h
-    k2 = -alpha_t * ((em1 + h) / (h * h) - 0.5)
+    k2 = -alpha_t * ((em1 + h) / (h * h) - 0.5) * (1.0 if diffusers_d2 else 2.0)
     # D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0+r1), D1_0 = (m0-m1)/r0, D1_1 = (m1-m2)/r1
     p = k1 * (1.0 + r0 / (r0 + r1)) + k2 / (r0 + r1)
     q = (k1 * r0 + k2) / (r0 + r1)
@@ -424,21 +434,24 @@ def _run_dpm(st: _Stepper, method, x, ts, sigmas, start):
         else:
             order = 3
         sig = [float(sigmas[i + 1]), float(sigmas[i])] + sig_hist[::-1][:order - 1]
-        a, c, e = _dpm_coefficients(order, sig, sde, opts["solver_type"])
+        a, c, e = _dpm_coefficients(order, sig, sde, opts["solver_type"], opts.get("diffusers_d2", False))
         noise = st.noise() if e != 0.0 else None
         x_new, x0 = st.update(x, out, float(sigmas[i]), c[0], a, e, noise)
         for k in range(1, order):
             st.axpy(x_new, history[-k], c[k])
-        history = (history + [x0])[-(solver_order - 1) or None:] if solver_order > 1 else []
-        sig_hist = (sig_hist + [float(sigmas[i])])[-(solver_order - 1):] if solver_order > 1 else []
+        history = (history + [x0])[-(solver_order - 1):]          # at most solver_order - 1 kept
+        sig_hist = (sig_hist + [float(sigmas[i])])[-(solver_order - 1):]
         x = x_new
         yield float(ts[i]), (float(ts[i + 1]) if i + 1 < S else -1), x, x0
 
 
-def _euler_coefficients(s: float, s_next: float) -> tuple[float, float]:
+def _euler_coefficients(s: float, s_next: float, s_level: float | None = None) -> tuple[float, float]:
     """``(C, D)`` with ``x_next = C x0 + D x`` for an Euler step of the sigma-space ODE from s to s_next
-    (Karras et al. Algorithm 1, first stage): ``X' = X + (s' - s)(X - x0) / s`` with ``X = sqrt(s^2+1) x``."""
-    c, c_next = math.sqrt(s * s + 1.0), math.sqrt(s_next * s_next + 1.0)
+    (Karras et al. Algorithm 1, first stage): ``X' = X + (s' - s)(X - x0) / s`` with ``X = sqrt(s^2+1) x``, and
+    ``x_next = X' / sqrt(s_level^2 + 1)`` (``s_level``: the noise level of the result, s_next unless noise is
+    added after the step)."""
+    s_level = s_next if s_level is None else s_level
+    c, c_next = math.sqrt(s * s + 1.0), math.sqrt(s_level * s_level + 1.0)
     return (1.0 - s_next / s) / c_next, c * s_next / (s * c_next)
 
 
@@ -453,7 +466,7 @@ def _run_euler(st: _Stepper, method, x, ts, sigmas, start):
         if method == "euler_ancestral":
             s_up = math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2)
             s_down = math.sqrt(s_next ** 2 - s_up ** 2)
-            C, D = _euler_coefficients(s, s_down)
+            C, D = _euler_coefficients(s, s_down, s_next)
             E = s_up / math.sqrt(s_next * s_next + 1.0)
         else:
             C, D = _euler_coefficients(s, s_next)
