@@ -38,8 +38,7 @@ class GaussianOracle:
         self.prediction_type = check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
 
     def __call__(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        t = np.broadcast_to(np.asarray(t, dtype=np.int64), (x_t.shape[0],))
-        abar = self.schedule.alphas_cumprod[t].reshape((-1,) + (1,) * (x_t.ndim - 1))
+        abar = _abar(self.schedule, t, x_t)
         sa, s1 = np.sqrt(abar), np.sqrt(1.0 - abar)
         var = abar * self.s ** 2 + 1.0 - abar
         centred = x_t.astype(np.float64) - sa * self.mu
@@ -64,10 +63,17 @@ def _output(x_t, x0, abar, prediction_type):
 
 
 def _abar(schedule: Schedule, t, x_t: np.ndarray) -> np.ndarray:
+    """``abar`` at each sample's timestep, shape (N, 1, ...): ``alphas_cumprod[t]`` for integer t; for a
+    real t, the noise level that diffusers' sigma-space schedulers mean by it (log sigma interpolated
+    linearly between training steps, ``sigma = sqrt((1 - abar) / abar)``)."""
     t = np.broadcast_to(np.asarray(t), (x_t.shape[0],))
-    if np.issubdtype(t.dtype, np.floating) and np.any(t != np.round(t)):
-        raise ValueError("the oracles take integer timesteps")
-    return schedule.alphas_cumprod[t.astype(np.int64)].reshape((-1,) + (1,) * (x_t.ndim - 1))
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    if not np.issubdtype(t.dtype, np.floating) or np.all(t == np.round(t)):
+        return schedule.alphas_cumprod[t.astype(np.int64)].reshape(shape)
+    ab = schedule.alphas_cumprod
+    log_sigmas = 0.5 * np.log((1.0 - ab) / ab)
+    sigma = np.exp(np.interp(t, np.arange(ab.size), log_sigmas))
+    return (1.0 / (1.0 + sigma ** 2)).reshape(shape)
 
 
 class GaussianMixtureOracle:

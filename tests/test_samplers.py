@@ -445,7 +445,7 @@ def test_sampler_bad_input(rng):
     with pytest.raises(ValueError, match="eta"):
         ddim_step(LIN, x, 5, 4, x, eta=-1.0)
     with pytest.raises(ValueError, match="method"):
-        sample(lambda x, t: x, LIN, (2, 3), method="euler", rng=rng)
+        sample(lambda x, t: x, LIN, (2, 3), method="rk4", rng=rng)
     with pytest.raises(ValueError, match="num_steps"):
         sample(lambda x, t: x, LIN, (2, 3), method="ddim", num_steps=1001, rng=rng)
     with pytest.raises(ValueError, match="either x_T= or rng="):

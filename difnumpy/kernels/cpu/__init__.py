@@ -31,7 +31,6 @@ from difnumpy.kernels.cpu.optim import adam_update, ema_update
 from difnumpy.kernels.reference import (asarray, copy, copy_into, is_array, linear_backward, linear_forward,
                                         to_host, zeros)
 
-_step_scope = step_scope  # the old name, until difnumpy.nn.unet calls step_scope
 
 __all__ = [
     # arrays
