@@ -11,6 +11,7 @@ import pytest
 from difnumpy.diffusion import get_velocity, q_sample
 from difnumpy.nn.optim import AdamW
 from difnumpy.schedules import Schedule
+from difnumpy.nn.unet import UNet
 from difnumpy.trainer import DivergenceError, Trainer, loss_and_grads
 
 
@@ -256,3 +257,48 @@ def test_cuda_trainer_without_gpu_is_a_clear_runtime_error():
         pytest.skip("a real GPU is present")
     assert "RUNTIMEERROR" in r.stdout, r.stdout + r.stderr
     assert "backend='cuda'" in r.stdout and "NUMBA_ENABLE_CUDASIM" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# reproducible across thread counts (the cpu backend's reductions do not depend on them)
+
+
+def _five_steps(threads, tmp_path=None, resume_at=None, resume_threads=None):
+    import numba
+
+    from difnumpy.checkpoint import load_checkpoint, save_checkpoint
+
+    x = np.random.default_rng(1).uniform(-1, 1, (5, 24, 1, 8, 8)).astype(np.float32)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(threads)
+        tr = Trainer(UNet(base_channels=8, channel_mults=(1, 2), groups=4, rng=0, backend="cpu"),
+                     Schedule.from_name("cosine", 1000), lr=2e-3, rng=0, ema_decay=0.9)
+        for i in range(5):
+            if i == resume_at:
+                path = tmp_path / "mid.npz"
+                save_checkpoint(path, tr)
+                numba.set_num_threads(resume_threads)
+                tr = load_checkpoint(path)
+            tr.step(x[i])
+    finally:
+        numba.set_num_threads(old)
+    opt = tr.optimizer.state_dict()
+    return {**{f"p/{k}": v for k, v in tr.model.params.items()}, **{f"e/{k}": v for k, v in tr.ema.params.items()},
+            **{k: v for k, v in opt.items() if isinstance(v, np.ndarray)}}
+
+
+def test_same_seed_same_bits_with_one_and_two_threads(tmp_path):
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    from difnumpy.kernels import cpu
+    assert cpu.batch_shares(24) is not None  # the batch is split into shares: the path under test
+    one, two = _five_steps(1), _five_steps(2)
+    assert set(one) == set(two)
+    for k in one:
+        np.testing.assert_array_equal(one[k], two[k], err_msg=k)
+    # a run resumed with another thread count continues exactly
+    resumed = _five_steps(1, tmp_path, resume_at=3, resume_threads=2)
+    for k in one:
+        np.testing.assert_array_equal(resumed[k], one[k], err_msg=k)
