@@ -10,18 +10,50 @@ import numpy as np
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
+class SampleGenerators:
+    """One ``np.random.Generator`` per sample, seeded by ``(seed, sample index)``: noise that does not
+    depend on how the samples are batched or sharded over processes.
+
+    A sampler draws its noise through ``standard_normal(shape, dtype)``, the only method it uses; here
+    row i of every draw comes from sample ``indices[i]``'s own stream. So sample j gets the same x_T and
+    the same step noise whether it is drawn alone, in a batch of 256, or on another MPI rank.
+
+    Parameters
+    ----------
+    seed : int >= 0
+    indices : sequence of int >= 0, the global indices of the samples of this batch (its rows)
+    """
+
+    def __init__(self, seed: int, indices):
+        if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.indices = [int(i) for i in indices]
+        if not self.indices or min(self.indices) < 0:
+            raise ValueError(f"indices must be non-empty ints >= 0, got {indices!r}")
+        self._gens = [np.random.default_rng([int(seed), i]) for i in self.indices]
+
+    def standard_normal(self, size, dtype=np.float64) -> np.ndarray:
+        size = (size,) if isinstance(size, (numbers.Integral, np.integer)) else tuple(int(s) for s in size)
+        if not size or size[0] != len(self._gens):
+            raise ValueError(f"a per-sample draw needs shape ({len(self._gens)}, ...), one row per sample; got {size}")
+        return np.stack([g.standard_normal(size[1:], dtype=dtype) for g in self._gens])
+
+
+RNG_TYPES = (np.random.Generator, SampleGenerators)
+
+
 def check_rng_noise(rng, noise, noise_name: str = "noise") -> None:
     """Both an explicit array and a Generator given at once is ambiguous: refuse it."""
     if rng is not None and noise is not None:
         raise ValueError(f"give either {noise_name}= or rng=, not both")
-    if rng is not None and not isinstance(rng, np.random.Generator):
+    if rng is not None and not isinstance(rng, RNG_TYPES):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
 
 
 def as_generator(rng) -> np.random.Generator:
-    """``rng`` as a Generator: a Generator is returned as is, an int seeds a new one, None gives a
-    fresh one seeded from the OS (never the global NumPy RNG)."""
-    if isinstance(rng, np.random.Generator):
+    """``rng`` as a Generator: a Generator (or :class:`SampleGenerators`) is returned as is, an int seeds
+    a new one, None gives a fresh one seeded from the OS (never the global NumPy RNG)."""
+    if isinstance(rng, RNG_TYPES):
         return rng
     if rng is None or isinstance(rng, (numbers.Integral, np.integer)):
         return np.random.default_rng(rng)

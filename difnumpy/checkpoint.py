@@ -526,7 +526,7 @@ def read_metadata(checkpoint: str | os.PathLike | dict) -> dict:
     return out
 
 
-def load_checkpoint(path: str | os.PathLike, *, model_cls=None, backend: str | None = None) -> Trainer:
+def load_checkpoint(path: str | os.PathLike, *, model_cls=None, backend: str | None = None, world=None) -> Trainer:
     """Rebuild a :class:`~difnumpy.trainer.Trainer` from :func:`save_checkpoint` output, ready to continue.
 
     Model parameters, EMA parameters, optimizer moments and step count, the schedule, the
@@ -543,6 +543,8 @@ def load_checkpoint(path: str | os.PathLike, *, model_cls=None, backend: str | N
     backend : {"numpy", "cpu", "cuda"}, optional
         Kernel backend of the rebuilt model and optimizer instead of the stored one (e.g. resume on
         the CPU a run started on a GPU).
+    world : difnumpy.distributed.World, optional
+        Resume data-parallel (a checkpoint does not depend on the number of ranks).
 
     Raises
     ------
@@ -571,7 +573,7 @@ def load_checkpoint(path: str | os.PathLike, *, model_cls=None, backend: str | N
     if backend is not None:
         kw["backend"] = backend
     try:
-        trainer = Trainer(model, schedule, rng=rng, **kw)
+        trainer = Trainer(model, schedule, rng=rng, world=world, **kw)
         opt_state = {s: arrays[f"optim/{s}"] for s in _OPTIM_SCALARS}
         for k in meta["params"]:
             opt_state[f"m/{k}"] = arrays[f"optim/m/{k}"]

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from difnumpy._validation import PREDICTION_TYPES, as_generator, check_choice
+from difnumpy._validation import PREDICTION_TYPES, RNG_TYPES, as_generator, check_choice
 from difnumpy.diffusion import _check_schedule
 from difnumpy.kernels import BACKENDS, get_backend
 from difnumpy.schedules import Schedule
@@ -554,7 +554,7 @@ def solve(method: str, model_fn: Callable, schedule: Schedule, x, *, num_steps: 
         raise TypeError(f"start must be an integer, got {start!r}")
     if not 0 <= int(start) <= int(num_steps):
         raise ValueError(f"start must lie in [0, num_steps={num_steps}], got {start}")
-    if rng is not None and not isinstance(rng, np.random.Generator):
+    if rng is not None and not isinstance(rng, RNG_TYPES):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     stochastic = method in ("euler_ancestral", "dpmpp_2m_sde")
     st = _Stepper(kern, model_fn, x, opts, as_generator(rng) if stochastic else None)

@@ -22,6 +22,7 @@ import numbers
 import numpy as np
 
 from difnumpy._validation import PREDICTION_TYPES, as_generator, check_choice
+from difnumpy.distributed import SINGLE, GradientAllreduce, World
 from difnumpy.kernels import BACKENDS, check_backend, get_backend
 from difnumpy.nn.optim import EMA, Adam, AdamW, clip_grad_norm, lr_at
 from difnumpy.schedules import Schedule
@@ -80,7 +81,7 @@ def drop_labels(class_labels: np.ndarray, num_classes: int, p: float, rng: np.ra
 
 def loss_and_grads(model, schedule: Schedule, x0: np.ndarray, rng: np.random.Generator,
                    prediction_type: str = "epsilon", class_labels=None,
-                   label_dropout: float = 0.0) -> tuple[float, dict]:
+                   label_dropout: float = 0.0, part: tuple[int, int] | None = None) -> tuple[float, dict]:
     """The simplified DDPM loss on a batch and its gradients with respect to ``model.params``.
 
     Parameters
@@ -99,6 +100,10 @@ def loss_and_grads(model, schedule: Schedule, x0: np.ndarray, rng: np.random.Gen
         For a class-conditional model (``model.num_classes = K``); each is replaced by K with probability
         ``label_dropout``, drawn from ``rng`` after ``t`` and ``eps`` (:func:`drop_labels`).
     label_dropout : float in [0, 1]
+    part : (start, stop), optional
+        Data parallelism: every draw is made for the whole batch (so each rank's stream is a one-process
+        run's), then only images ``start:stop`` go through the model; the loss and gradients are those of
+        the mean over that slice (:class:`difnumpy.distributed.GradientAllreduce` combines the ranks').
 
     Returns
     -------
@@ -125,6 +130,22 @@ def loss_and_grads(model, schedule: Schedule, x0: np.ndarray, rng: np.random.Gen
     n = x0.shape[0]
     t = rng.integers(0, schedule.num_timesteps, size=n, dtype=np.int64)
     noise = rng.standard_normal(x0.shape, dtype=dtype)
+    y = None
+    if class_labels is not None:
+        K = getattr(model, "num_classes", None)
+        if K is None:
+            raise ValueError("class_labels given, but the model is not class-conditional (num_classes is None)")
+        y = np.asarray(class_labels)
+        if y.dtype == bool or not np.issubdtype(y.dtype, np.integer) or y.shape != (n,):
+            raise ValueError(f"class_labels must be an int array of shape ({n},), got {y.dtype} {y.shape}")
+        if y.min() < 0 or y.max() > K:
+            raise ValueError(f"class_labels must lie in [0, {K}], got values in [{int(y.min())}, {int(y.max())}]")
+        y = drop_labels(y.astype(np.int64), K, label_dropout, rng)
+    if part is not None:  # this rank's slice of the global batch (every draw above was for all of it)
+        a, b = part
+        x0, t, noise = x0[a:b], t[a:b], noise[a:b]
+        y = None if y is None else y[a:b]
+        n = b - a
     sab, s1m = schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]
     d_x0, d_eps = kern.asarray(x0.reshape(n, -1)), kern.asarray(noise.reshape(n, -1))
     x_t = kern.q_sample(d_x0, d_eps, sab, s1m).reshape(x0.shape)  # DDPM eq. 4
@@ -134,18 +155,7 @@ def loss_and_grads(model, schedule: Schedule, x0: np.ndarray, rng: np.random.Gen
         target = d_x0
     else:  # v = sqrt(abar) eps - sqrt(1 - abar) x0: q_sample's a x0 + b eps with (a, b) = (-s1m, sab)
         target = kern.q_sample(d_x0, d_eps, -s1m, sab)
-    if class_labels is None:
-        out, cache = model.forward(x_t, t)
-    else:
-        K = getattr(model, "num_classes", None)
-        if K is None:
-            raise ValueError("class_labels given, but the model is not class-conditional (num_classes is None)")
-        y = np.asarray(class_labels)
-        if y.dtype == bool or not np.issubdtype(y.dtype, np.integer) or y.shape != (n,):
-            raise ValueError(f"class_labels must be an int array of shape ({n},), got {y.dtype} {y.shape}")
-        if y.min() < 0 or y.max() > K:
-            raise ValueError(f"class_labels must lie in [0, {K}], got values in [{int(y.min())}, {int(y.max())}]")
-        out, cache = model.forward(x_t, t, class_labels=drop_labels(y.astype(np.int64), K, label_dropout, rng))
+    out, cache = model.forward(x_t, t) if y is None else model.forward(x_t, t, class_labels=y)
     if tuple(getattr(out, "shape", ())) != x0.shape:
         raise ValueError(f"model output must have the shape of x0 {x0.shape}, got "
                          f"{getattr(out, 'shape', type(out).__name__)}")
@@ -193,6 +203,11 @@ class Trainer:
         Global gradient-norm bound (None: no clipping).
     warmup_steps : int >= 0, default 0
         Linear learning-rate warmup length (:func:`difnumpy.nn.optim.lr_at`).
+    world : difnumpy.distributed.World, optional
+        Data parallelism over MPI ranks (:func:`difnumpy.distributed.get_world`): every rank draws the
+        whole batch's t and eps, computes its slice of B/N images, and one Allreduce of all gradients
+        makes the step identical on every rank (and equal to a one-process step up to float rounding).
+        The default is one process.
     label_dropout : float in [0, 1], default 0.0
         Probability of replacing each class label by "no class" (K) in a step: trains the conditional
         and the unconditional model at once, for classifier-free guidance (Ho & Salimans 2022, Sec. 3.2).
@@ -229,7 +244,7 @@ class Trainer:
     def __init__(self, model, schedule: Schedule, lr: float = 2e-4, ema_decay: float = 0.999, rng=None,
                  prediction_type: str = "epsilon", weight_decay: float = 0.0, grad_clip: float | None = 1.0,
                  warmup_steps: int = 0, optimizer: str = "adam", betas=(0.9, 0.999), eps: float = 1e-8,
-                 backend: str | None = None, label_dropout: float = 0.0):
+                 backend: str | None = None, label_dropout: float = 0.0, world: World | None = None):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a difnumpy Schedule, got {type(schedule).__name__}")
         params = _model_params(model)
@@ -265,6 +280,10 @@ class Trainer:
                 or not 0.0 <= float(label_dropout) <= 1.0:
             raise ValueError(f"label_dropout must be a number in [0, 1], got {label_dropout!r}")
         self.label_dropout = float(label_dropout)
+        if world is not None and not isinstance(world, World):
+            raise TypeError(f"world must be a difnumpy.distributed.World or None, got {type(world).__name__}")
+        self.world = world or SINGLE
+        self._allreduce = GradientAllreduce(self.world)
         self.backend = _model_backend(model)
         self._kern = get_backend(self.backend)
         opt_cls = AdamW if self.optimizer_name == "adamw" else Adam
@@ -361,8 +380,16 @@ class Trainer:
         """
         self._sync_params()
         lr = lr_at(self.step_count + 1, self.lr, self.warmup_steps)
+        world = self.world
+        part = None
+        if world.size > 1:  # the one hook point of data parallelism (difnumpy.distributed)
+            part = world.batch_slice(_check_x0(x0_batch).shape[0])
         loss, grads = loss_and_grads(self._model, self.schedule, x0_batch, self.rng, self.prediction_type,
-                                     class_labels, self.label_dropout)
+                                     class_labels, self.label_dropout, part)
+        if part is not None:
+            batch = x0_batch.shape[0]
+            loss = world.sum(loss * (part[1] - part[0])) / batch  # the global loss
+            grads = self._allreduce(grads, part[1] - part[0], batch, self._kern)
         if not math.isfinite(loss):
             raise DivergenceError(f"non-finite loss ({loss}) at step {self.step_count + 1}; "
                                   f"the update was not applied")

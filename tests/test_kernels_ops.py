@@ -203,3 +203,22 @@ def test_small_ops_refuse_bad_input():
         cpu.scale_(np.zeros(3, np.int32), 2.0)
     with pytest.raises(TypeError, match="numpy ndarray"):
         cpu.sumsq([1.0, 2.0])
+
+
+def test_linear_one_row_has_the_bits_it_has_in_a_batch():
+    """BLAS sums a one-row product (GEMV) in another order than a GEMM: the cpu backend keeps one row on
+    the GEMM path, so a sample's output does not depend on its batch."""
+    from difnumpy.kernels import cpu
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((7, 128), (64, 128), (64,)))
+    full = cpu.linear_forward(x, w, b)
+    for i in range(7):
+        np.testing.assert_array_equal(cpu.linear_forward(x[i:i + 1], w, b), full[i:i + 1])
+    np.testing.assert_allclose(full, ref.linear_forward(x, w, b), rtol=1e-6, atol=1e-5)
+    dout = rng.standard_normal((7, 64)).astype(np.float32)
+    dx = cpu.linear_backward(dout, x, w)[0]
+    for i in range(7):
+        got = cpu.linear_backward(dout[i:i + 1], x[i:i + 1], w)
+        np.testing.assert_array_equal(got[0], dx[i:i + 1])
+        for g, r in zip(got, ref.linear_backward(dout[i:i + 1], x[i:i + 1], w)):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ Modules, one per op family:
 - :mod:`.layout`: channel concat / split, nearest 2x upsampling;
 - :mod:`.optim`: Adam and the EMA.
 
-The array functions and the linear layer (one BLAS GEMM) are the NumPy twins themselves.
+The array functions are the NumPy twins themselves; the linear layer is the twin's BLAS GEMM (:mod:`.linear`).
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from difnumpy.kernels.cpu.elementwise import (add_, add_channel_bias_, axpy_, bl
 from difnumpy.kernels.cpu.groupnorm import group_norm_silu_backward, group_norm_silu_forward
 from difnumpy.kernels.cpu.layout import (concat_channels, split_channels, upsample_nearest2x_backward,
                                          upsample_nearest2x_forward)
+from difnumpy.kernels.cpu.linear import linear_backward, linear_forward
 from difnumpy.kernels.cpu.optim import adam_update, ema_update
-from difnumpy.kernels.reference import (asarray, copy, copy_into, is_array, linear_backward, linear_forward,
-                                        to_host, zeros)
+from difnumpy.kernels.reference import asarray, copy, copy_into, is_array, to_host, zeros
 
 
 __all__ = [
