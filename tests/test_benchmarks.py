@@ -191,3 +191,19 @@ def test_run_all_summary(tmp_path):
     assert "DDIM-50 vs DDPM-1000 wall-clock speedup" in figs
     assert any(f.startswith("peak RSS / required") for f in figs)
     assert all(r["status"] in ("met", "NOT met", "-") for r in res["summary"])
+
+
+def test_bench_solvers_quick(tmp_path):
+    import bench_solvers
+    out = tmp_path / "r.json"
+    res = bench_solvers.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--json", str(out)])
+    assert out.exists() and (tmp_path / "quality_vs_nfe.png").exists()
+    rows = res["rows"]
+    assert (tmp_path / "quality_vs_nfe.md").read_text().count("\n| ") == len(rows) + 1  # header + rows
+    assert {r["method"] for r in rows} == set(bench_solvers.METHODS)
+    assert {(r["label"], r["nfe"]) for r in rows} >= {("dpmpp_2m", 5), ("dpmpp_2m", 10), ("heun", 9), ("ddim", 50)}
+    assert sum(r["defaults"] for r in rows) == 6
+    for r in rows:
+        assert _positive(r["fd"]) and r["seconds"] >= 0 and r["n"] == 16
+    assert _positive(res["summary"]["dpmpp_2m_10_vs_ddim50"])
+

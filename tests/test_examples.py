@@ -127,3 +127,17 @@ def test_05_slerp_formula():
     e0[0], e1[1] = 1.0, 1.0
     for a in (0.25, 0.5, 0.8):
         np.testing.assert_allclose(slerp(e0, e1, a)[:2], [np.cos(a * np.pi / 2), np.sin(a * np.pi / 2)])
+
+
+def test_06_solver_orders(tmp_path):
+    res = load_example("06_solver_orders").main(["--out", str(tmp_path), "--quick"])
+    assert_png(tmp_path / "solver_orders.png")
+    no_temp_files(tmp_path)
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert set(saved["ode"]) == set(res["ode"]) and len(saved["ode"]) == 6
+    for r in saved["ode"].values():
+        assert len(r["errors"]) == len(saved["steps"]) and all(np.isfinite(r["errors"]))
+    # even three step counts (8, 16, 32) separate the first-order methods from the second-order ones
+    assert saved["ode"]["Heun"]["errors"][-1] < saved["ode"]["Euler"]["errors"][-1]
+    assert set(saved["stochastic"]) == {"euler_ancestral", "dpmpp_2m_sde"}
