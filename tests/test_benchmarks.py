@@ -207,3 +207,14 @@ def test_bench_solvers_quick(tmp_path):
         assert _positive(r["fd"]) and r["seconds"] >= 0 and r["n"] == 16
     assert _positive(res["summary"]["dpmpp_2m_10_vs_ddim50"])
 
+
+@pytest.mark.skipif(__import__("shutil").which("mpiexec") is None, reason="no mpiexec (the mpi extra)")
+def test_bench_distributed_quick(tmp_path):
+    import json
+
+    import bench_distributed
+    out = tmp_path / "d.json"
+    assert bench_distributed.main(["--quick", "--batch", "16", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert all(_positive(v) for v in res["median_images_per_s"].values())
+    assert _positive(res["ratio_2x1_over_1x2"]) and res["allreduce_bytes"] == 410_721 * 4
