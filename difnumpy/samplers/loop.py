@@ -226,7 +226,7 @@ def _reverse_process(model, schedule, shape, *, method, num_steps, eta, spacing,
             # noise x_init to the first step run: x = (x0 + sigma eps) / sqrt(1 + sigma^2), sigma^2 = (1-abar)/abar
             # (= q_sample, DDPM eq. 4, at an integer timestep)
             if solver:
-                sigma = float(sigmas[n_skip * (2 if method == "heun" else 1)])
+                sigma = solvers.start_sigma(method, schedule, num_steps, spacing, n_skip, **step_kw)[1]
             else:
                 ab = float(schedule.alphas_cumprod[timesteps[n_skip]])
                 sigma = float(np.sqrt((1.0 - ab) / ab))
