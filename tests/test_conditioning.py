@@ -315,3 +315,24 @@ def test_sdedit_starts_from_the_noised_image_at_the_strength_step():
         sample(rec, LIN, (n, 2), num_steps=steps, x_init=x_init, strength=0.05, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="x_init"):
         sample(rec, LIN, (n, 2), num_steps=steps, strength=0.5, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m"])
+def test_sdedit_with_a_solver_starts_at_its_own_noise_level(method):
+    from difnumpy import solvers
+    n, steps, strength = 3, 8, 0.5
+    x_init = np.random.default_rng(0).uniform(-1, 1, (n, 2))
+    calls = []
+
+    def model(x, t):
+        calls.append((x.copy(), np.array(t, dtype=np.float64)))
+        return 0.1 * x
+
+    sample(model, LIN, (n, 2), method=method, num_steps=steps, x_init=x_init, strength=strength,
+           rng=np.random.default_rng(4), dtype=np.float64)
+    run = int(steps * strength)
+    assert len(calls) == run * solvers.CALLS_PER_STEP[method] - (1 if method == "heun" else 0)
+    t0, sigma = solvers.start_sigma(method, LIN, steps, None, steps - run)
+    eps = np.random.default_rng(4).standard_normal((n, 2))
+    np.testing.assert_allclose(calls[0][0], (x_init + sigma * eps) / np.sqrt(1 + sigma ** 2), rtol=1e-12)
+    np.testing.assert_allclose(calls[0][1], t0)
