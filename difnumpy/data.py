@@ -19,17 +19,21 @@ import numpy as np
 __all__ = [
     "DIGITS_NUM_TRAIN",
     "DIGITS_NUM_TEST",
+    "DIGITS_NUM_CLASSES",
     "TOY_2D_NAMES",
     "load_digits",
     "load_idx",
     "make_toy_2d",
     "iterate_batches",
+    "SeededBatches",
 ]
 
 #: Size of the digits train split: the first 1437 samples in scikit-learn's order.
 DIGITS_NUM_TRAIN = 1437
 #: Size of the digits test split: the last 360 samples in scikit-learn's order.
 DIGITS_NUM_TEST = 360
+#: Number of classes of the digits (0..9): the ``num_classes`` of a class-conditional digits model.
+DIGITS_NUM_CLASSES = 10
 #: Names accepted by :func:`make_toy_2d`.
 TOY_2D_NAMES = ("moons", "swiss_roll", "8gaussians")
 
@@ -340,3 +344,45 @@ def _batch_generator(arrays, single, n, batch_size, rng, drop_last, epochs):
             else:
                 yield tuple(a[idx] for a in arrays)
         epoch += 1
+
+
+class SeededBatches:
+    """Batch ``k`` of an endless shuffled stream as a pure function of ``(seed, k)``.
+
+    Epoch ``e = k // (N // batch_size)`` uses the permutation ``default_rng([seed, 3, e]).permutation(N)``;
+    its batches follow in order and the last partial batch is dropped. So any batch can be recomputed
+    from its index alone: a training run resumed at step ``k`` continues with exactly the batches the
+    uninterrupted run would have drawn (:func:`difnumpy.train.train`).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, ...)
+    batch_size : int in [1, N]
+    seed : int >= 0
+    labels : ndarray, shape (N,), optional
+        Per-sample labels; batch ``k`` then holds the same rows of both.
+
+    Calling it with ``k`` returns ``(x_batch, labels_batch)``; ``labels_batch`` is None without labels.
+    """
+
+    def __init__(self, x: np.ndarray, batch_size: int, seed: int, labels: np.ndarray | None = None):
+        if not isinstance(x, np.ndarray) or x.ndim < 1:
+            raise TypeError(f"x must be an ndarray with ndim >= 1, got {type(x).__name__}")
+        self.bs = _check_int(batch_size, "batch_size", 1)
+        if self.bs > x.shape[0]:
+            raise ValueError(f"batch_size={self.bs} exceeds the number of samples N={x.shape[0]}")
+        self.seed = _check_int(seed, "seed", 0)
+        if labels is not None and (not isinstance(labels, np.ndarray) or labels.shape != (x.shape[0],)):
+            raise ValueError(f"labels must be an ndarray of shape ({x.shape[0]},), got "
+                             f"{getattr(labels, 'shape', type(labels).__name__)}")
+        self.x, self.labels = x, labels
+        self.per_epoch = x.shape[0] // self.bs
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, k: int):
+        epoch, pos = divmod(int(k), self.per_epoch)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, 3, epoch]).permutation(self.x.shape[0])
+            self._epoch = epoch
+        idx = self._perm[pos * self.bs:(pos + 1) * self.bs]
+        return self.x[idx], (None if self.labels is None else self.labels[idx])

@@ -16,11 +16,13 @@ from ``default_rng([seed, 1])``, the trainer's timesteps and noise from
 ``default_rng([seed, 2])`` (its state is saved in the checkpoint), and the batch of update
 ``k`` (0-based) is a pure function of ``(seed, k)``: epoch ``e = k // (N // batch_size)``
 uses the permutation ``default_rng([seed, 3, e]).permutation(N)``, batches in order,
-the last partial batch dropped. So the same seed gives the same run, and a run resumed
+the last partial batch dropped (:class:`difnumpy.data.SeededBatches`; a conditional run's labels
+are the same rows' digit classes). So the same seed gives the same run, and a run resumed
 from a checkpoint continues exactly as the uninterrupted run would have.
 
 Resuming checks the configuration against the checkpoint (and the config.json, when there is
-one): a different data source, batch size, seed, schedule, model or optimizer setting is an error,
+one): a different data source, batch size, seed, schedule, model (conditional or not, and a
+conditional run's label dropout) or optimizer setting is an error,
 never a silent change of the run. ``overwrite`` replaces an old run only once the new run has
 written its first checkpoint (until then it lives in a hidden folder inside ``out_dir``).
 
@@ -48,6 +50,7 @@ from typing import Any, Callable
 import numpy as np
 
 from difnumpy._io import atomic_write
+from difnumpy.data import DIGITS_NUM_CLASSES, SeededBatches, load_digits, load_idx
 from difnumpy.trainer import DivergenceError
 
 __all__ = ["TrainConfig", "train", "DivergenceError", "read_log", "load_run_config", "config_from_checkpoint",
@@ -61,8 +64,10 @@ LOSS_FILE = "loss.png"
 COMPILE_MESSAGE = "compiling kernels (first run only) ..."
 
 # Fields that define the run; a resumed run must agree on them.
+# (label_dropout counts only in a conditional run: an unconditional one never draws it)
 _IDENTITY_FIELDS = ("data", "batch_size", "seed", "lr", "ema_decay", "warmup_steps", "grad_clip",
                     "weight_decay", "optimizer", "schedule", "num_timesteps", "prediction_type",
+                    "conditional", "label_dropout",
                     "base_channels", "channel_mults", "num_res_blocks", "groups", "dtype")
 
 
@@ -85,6 +90,14 @@ class TrainConfig:
     schedule, num_timesteps :
         :meth:`difnumpy.schedules.Schedule.from_name` arguments.
     prediction_type : {"epsilon", "sample", "v_prediction"}
+    conditional : bool
+        Train a class-conditional U-Net (``UNet(num_classes=10)``) on the digits' labels
+        (``data="digits"`` only: an IDX image file holds no labels). The checkpoint stores
+        ``num_classes``; ``difnumpy sample --class-labels`` and classifier-free guidance need it.
+    label_dropout : float in [0, 1]
+        Conditional runs: the probability that a label is replaced by "no class" in a step
+        (Ho & Salimans 2022, Alg. 1), which trains the unconditional model that guidance needs.
+        Ignored by an unconditional run.
     base_channels, channel_mults, num_res_blocks, groups, dtype, backend :
         :class:`difnumpy.nn.unet.UNet` arguments (``backend`` may change on resume).
     seed : int
@@ -125,6 +138,8 @@ class TrainConfig:
     schedule: str = "cosine"
     num_timesteps: int = 1000
     prediction_type: str = "epsilon"
+    conditional: bool = False
+    label_dropout: float = 0.1
     base_channels: int = 32
     channel_mults: tuple = (1, 2)
     num_res_blocks: int = 1
@@ -191,6 +206,7 @@ class TrainConfig:
         floatf("weight_decay", 0.0)
         floatf("grad_clip", 0.0, lo_open=True, none_ok=True)
         floatf("max_minutes", 0.0, lo_open=True, none_ok=True)
+        floatf("label_dropout", 0.0, 1.0)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULE_NAMES),
                               ("prediction_type", PREDICTION_TYPES), ("backend", BACKENDS),
                               ("dtype", ("float32", "float64"))):
@@ -204,11 +220,14 @@ class TrainConfig:
         if isinstance(cm, (str, bytes)) or not hasattr(cm, "__len__") or len(cm) == 0 or any(
                 isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1 for m in cm):
             raise ValueError(f"channel_mults must be a non-empty sequence of ints >= 1, got {cm!r}")
-        for name in ("resume", "overwrite", "progress"):
+        for name in ("resume", "overwrite", "progress", "conditional"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite cannot both be set")
+        if self.conditional and self.data != "digits":
+            raise ValueError(f"conditional=True trains on class labels, which only data='digits' has; "
+                             f"data={self.data!r} (an IDX image file) holds images only")
         return self
 
 
@@ -247,11 +266,14 @@ def load_run_config(out_dir: str) -> dict:
     return d
 
 
-def _load_data(config: TrainConfig) -> np.ndarray:
-    from difnumpy.data import load_digits, load_idx
-
+def _load_data(config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images, labels): labels (int64, 0..9) for a conditional run, else None."""
+    labels = None
     if config.data == "digits":
-        x = load_digits("train")
+        if config.conditional:
+            x, labels = load_digits("train", return_labels=True)
+        else:
+            x = load_digits("train")
     else:
         if not os.path.exists(config.data):
             raise FileNotFoundError(f"data: no such file {config.data!r} (use 'digits' or an IDX image file)")
@@ -260,23 +282,7 @@ def _load_data(config: TrainConfig) -> np.ndarray:
             raise ValueError(f"data: {config.data!r} holds labels (1-D), not images")
     if x.shape[0] < config.batch_size:
         raise ValueError(f"batch_size={config.batch_size} exceeds the number of training images {x.shape[0]}")
-    return np.ascontiguousarray(x, dtype=np.dtype(config.dtype))
-
-
-class _Batches:
-    """Batch ``k`` as a pure function of (seed, k); see the module docstring."""
-
-    def __init__(self, x: np.ndarray, batch_size: int, seed: int):
-        self.x, self.bs, self.seed = x, batch_size, seed
-        self.per_epoch = x.shape[0] // batch_size
-        self._epoch, self._perm = -1, None
-
-    def __call__(self, k: int) -> np.ndarray:
-        epoch, pos = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, 3, epoch]).permutation(self.x.shape[0])
-            self._epoch = epoch
-        return self.x[self._perm[pos * self.bs:(pos + 1) * self.bs]]
+    return np.ascontiguousarray(x, dtype=np.dtype(config.dtype)), labels
 
 
 class _SigintGuard:
@@ -334,7 +340,7 @@ def _check_image_shape(config: TrainConfig, image_shape: tuple) -> None:
 def _run_metadata(config: TrainConfig, image_shape: tuple) -> dict:
     """The run metadata every checkpoint of this run holds (:data:`difnumpy.checkpoint.RUN_METADATA_KEYS`)."""
     return {"image_shape": [int(v) for v in image_shape], "data": config.data, "batch_size": config.batch_size,
-            "seed": config.seed, "num_classes": None}
+            "seed": config.seed, "num_classes": DIGITS_NUM_CLASSES if config.conditional else None}
 
 
 def _build_trainer(config: TrainConfig, ckpt_path: str, in_channels: int):
@@ -348,12 +354,13 @@ def _build_trainer(config: TrainConfig, ckpt_path: str, in_channels: int):
     model = UNet(in_channels=in_channels, base_channels=config.base_channels,
                  channel_mults=tuple(config.channel_mults), num_res_blocks=config.num_res_blocks,
                  groups=config.groups, dtype=np.dtype(config.dtype), rng=np.random.default_rng([config.seed, 1]),
-                 backend=config.backend)
+                 backend=config.backend, num_classes=DIGITS_NUM_CLASSES if config.conditional else None)
     schedule = Schedule.from_name(config.schedule, config.num_timesteps)
     return Trainer(model, schedule, lr=config.lr, ema_decay=config.ema_decay,
                    rng=np.random.default_rng([config.seed, 2]), prediction_type=config.prediction_type,
                    weight_decay=config.weight_decay, grad_clip=config.grad_clip,
-                   warmup_steps=config.warmup_steps, optimizer=config.optimizer)
+                   warmup_steps=config.warmup_steps, optimizer=config.optimizer,
+                   label_dropout=config.label_dropout if config.conditional else 0.0)
 
 
 def _same(a, b) -> bool:
@@ -376,6 +383,9 @@ def _config_from_meta(meta: dict) -> tuple[dict, list]:
     for k in ("base_channels", "channel_mults", "num_res_blocks", "groups", "dtype"):
         if k in mc:
             d[k] = list(mc[k]) if k == "channel_mults" else mc[k]
+    d["conditional"] = md["num_classes"] is not None or mc.get("num_classes") is not None
+    if d["conditional"]:
+        d["label_dropout"] = hp.get("label_dropout", 0.0)
     missing = []
     for k in ("data", "batch_size", "seed"):
         if md[k] is None:
@@ -442,6 +452,8 @@ def _check_resume(config: TrainConfig, ckpt_path: str, image_shape: tuple, out_d
         shape = tuple(saved["image_shape"])
     diffs = []
     for k, v in stored.items():
+        if k == "label_dropout" and not config.conditional:
+            continue  # the conditional flag differs already (an unconditional run draws no labels)
         if not _same(v, getattr(config, k)):
             diffs.append(f"{k} ({v!r} in the checkpoint, {getattr(config, k)!r} given)")
     if tuple(shape) != tuple(image_shape):
@@ -459,7 +471,7 @@ def _check_resume_config(config: TrainConfig, out_dir: str) -> None:
         return
     diffs = []
     for k in _IDENTITY_FIELDS:
-        if k not in saved:
+        if k not in saved or (k == "label_dropout" and not (config.conditional or saved.get("conditional"))):
             continue
         a, b = saved[k], getattr(config, k)
         if isinstance(b, tuple):
@@ -593,7 +605,7 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
             raise ValueError(f"out_dir {out_dir!r} already holds a run ({CHECKPOINT_FILE}); "
                              "resume it, choose another out_dir, or set overwrite")
         _check_backend_usable(config)
-        x = _load_data(config)
+        x, labels = _load_data(config)
         image_shape = tuple(int(v) for v in x.shape[1:])
         _check_image_shape(config, image_shape)
         if config.resume:
@@ -644,7 +656,7 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
             staging, run_ckpt = None, ckpt_path
             log_fh = open(log_path, "a", encoding="utf-8")
 
-        batches = _Batches(x, config.batch_size, config.seed)
+        batches = SeededBatches(x, config.batch_size, config.seed, labels)
         budget_s = None if config.max_minutes is None else 60.0 * float(config.max_minutes)
         status = "completed"
         diverged = None
@@ -677,7 +689,7 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
                         status = "time_budget"
                         break
                     try:
-                        loss = trainer.step(batches(k))
+                        loss = trainer.step(*batches(k))
                     except DivergenceError as exc:
                         if last_saved >= 0:
                             where_ = f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}"

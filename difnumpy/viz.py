@@ -29,6 +29,7 @@ __all__ = [
     "schedule_curves",
     "loss_curve",
     "compare_grid",
+    "labelled_rows",
 ]
 
 _DPI = 100
@@ -441,4 +442,63 @@ def compare_grid(grids: Mapping[str, np.ndarray], path, nrow: int | None = None,
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def labelled_rows(rows: Sequence[np.ndarray], row_labels: Sequence[str], path, title: str | None = None,
+                  col_labels: Sequence[str] | None = None) -> str:
+    """Rows of images, each with its label on the left (e.g. one row per class, per guidance scale,
+    or original / masked / completed).
+
+    Parameters
+    ----------
+    rows : sequence of ndarray, each shape (N_i, C, H, W) with the same C, H, W, values in [-1, 1]
+        Row ``i`` shows its ``N_i`` images left to right (shorter rows are padded with white).
+    row_labels : sequence of str, one per row
+    path : str or os.PathLike, ending in ``.png``
+    title : str, optional
+    col_labels : sequence of str, optional
+        One per column (the longest row's length), written above the first row.
+
+    Returns
+    -------
+    path : str
+    """
+    _check_path(path)
+    if isinstance(rows, np.ndarray) and rows.ndim == 5:
+        rows = list(rows)
+    if not isinstance(rows, (list, tuple)) or len(rows) < 1:
+        raise ValueError("rows must be a non-empty list of (N, C, H, W) arrays")
+    rows = [_check_images(r, f"rows[{i}]") for i, r in enumerate(rows)]
+    if any(r.shape[1:] != rows[0].shape[1:] for r in rows):
+        raise ValueError(f"rows must share C, H, W, got {[r.shape for r in rows]}")
+    labels = [str(v) for v in row_labels]
+    if len(labels) != len(rows):
+        raise ValueError(f"row_labels must have one entry per row: {len(rows)} rows, {len(labels)} labels")
+    ncol = max(r.shape[0] for r in rows)
+    if col_labels is not None and len(col_labels) != ncol:
+        raise ValueError(f"col_labels must have one entry per column ({ncol}), got {len(col_labels)}")
+    _, c, h, w = rows[0].shape
+    pad = np.ones((1, c, h, w))
+    grids = [make_grid(np.concatenate([r] + [pad] * (ncol - r.shape[0])), nrow=ncol) for r in rows]
+    gh, gw = grids[0].shape[:2]
+    per_px = min(0.12, 12.0 / gw, 1.6 / gh)  # ~1 inch per 8x8 image, at most 12 inches wide
+    row_w, row_h = gw * per_px, gh * per_px
+    label_w = 0.12 + 0.07 * max(len(t) for t in labels)
+    margin, gap = 0.1, 0.04
+    head = (0.4 if title else 0.05) + (0.25 if col_labels is not None else 0.0)
+    W = label_w + row_w + 2 * margin
+    H = len(rows) * row_h + (len(rows) - 1) * gap + margin + head
+    fig = _new_figure(W, H)
+    W, H = fig.get_size_inches()
+    for i, (g, lab) in enumerate(zip(grids, labels)):
+        y0 = margin + (len(rows) - 1 - i) * (row_h + gap)
+        ax = fig.add_axes(((margin + label_w) / W, y0 / H, row_w / W, row_h / H))
+        _show(ax, g)
+        ax.set_ylabel(lab, rotation=0, ha="right", va="center", fontsize=8)
+        if i == 0 and col_labels is not None:
+            for j, cl in enumerate(col_labels):
+                ax.text((j + 0.5) * gw / ncol, -1, str(cl), ha="center", va="bottom", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.08 / H, va="top")
     return save_figure(fig, path)

@@ -328,3 +328,66 @@ def test_compile_message_when_numba_compiles(tmp_path, capsys):
     assert capsys.readouterr().err.count(COMPILE_MESSAGE) == 1
     train(_cfg(tmp_path, "quiet", steps=2, progress=False), callback=compile_something)
     assert COMPILE_MESSAGE not in capsys.readouterr().err
+
+
+# ---- class-conditional runs (issue 11) -----------------------------------------------------------
+
+def test_conditional_run_trains_on_the_labels_and_resumes_bit_exact(tmp_path):
+    from difnumpy.checkpoint import read_metadata
+    from difnumpy.data import SeededBatches, load_digits
+
+    r = train(_cfg(tmp_path, "a", steps=6, conditional=True, label_dropout=0.25))
+    tr = r["trainer"]
+    assert tr.model.num_classes == 10 and tr.label_dropout == 0.25
+    assert read_metadata(r["checkpoint"])["num_classes"] == 10
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["conditional"] is True and cfg["label_dropout"] == 0.25
+    # the batches hold the same rows of images and labels as the unconditional stream
+    x, y = load_digits("train", return_labels=True)
+    xb, yb = SeededBatches(x, 16, 0, y)(5)
+    xu, yu = SeededBatches(x, 16, 0)(5)
+    np.testing.assert_array_equal(xb, xu)
+    assert yu is None and yb.dtype == np.int64 and all(np.any(np.all(x[y == c] == im, axis=(1, 2, 3)))
+                                                       for c, im in zip(yb, xb))
+    train(_cfg(tmp_path, "b", steps=3, conditional=True, label_dropout=0.25))
+    train(_cfg(tmp_path, "b", steps=6, conditional=True, label_dropout=0.25, resume=True))
+    pa, ea = _params(tmp_path / "a" / "checkpoint.npz")
+    pb, eb = _params(tmp_path / "b" / "checkpoint.npz")
+    assert "label_emb.w" in pa
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+        np.testing.assert_array_equal(ea[k], eb[k], err_msg=k)
+    # an unconditional run: no class embedding, no label dropout
+    train(_cfg(tmp_path, "u", steps=6))
+    pu, _ = _params(tmp_path / "u" / "checkpoint.npz")
+    assert "label_emb.w" not in pu and load_checkpoint(tmp_path / "u" / "checkpoint.npz").label_dropout == 0.0
+
+
+def test_conditional_is_part_of_the_runs_identity(tmp_path):
+    from difnumpy.train import config_from_checkpoint
+
+    train(_cfg(tmp_path, "c", steps=2, conditional=True, label_dropout=0.2))
+    ck = tmp_path / "c" / "checkpoint.npz"
+    d = config_from_checkpoint(ck)
+    assert d["conditional"] is True and d["label_dropout"] == 0.2
+    with pytest.raises(ValueError, match=r"label_dropout \(0.2 in the checkpoint, 0.3 given\)"):
+        train(_cfg(tmp_path, "c", steps=4, conditional=True, label_dropout=0.3, resume=True))
+    with pytest.raises(ValueError, match=r"conditional \(True in the checkpoint, False given\)"):
+        train(_cfg(tmp_path, "c", steps=4, resume=True))
+    train(_cfg(tmp_path, "u", steps=2))
+    d = config_from_checkpoint(tmp_path / "u" / "checkpoint.npz")
+    assert d["conditional"] is False and "label_dropout" not in d  # an unconditional run draws no labels
+    with pytest.raises(ValueError, match=r"conditional \(False in the checkpoint, True given\)"):
+        train(_cfg(tmp_path, "u", steps=4, conditional=True, resume=True))
+    # the label dropout of an unconditional run is no part of it
+    assert train(_cfg(tmp_path, "u", steps=3, label_dropout=0.5, resume=True))["step"] == 3
+
+
+def test_conditional_needs_the_digits_labels(tmp_path):
+    with pytest.raises(ValueError, match="only data='digits' has"):
+        _cfg(tmp_path, data="some-idx3-ubyte", conditional=True).validate()
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises((ValueError, TypeError), match="label_dropout"):
+            _cfg(tmp_path, conditional=True, label_dropout=bad).validate()
+    with pytest.raises(TypeError, match="conditional must be a bool"):
+        _cfg(tmp_path, conditional="yes").validate()
