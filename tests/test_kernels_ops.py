@@ -36,7 +36,7 @@ def test_cpu_backend_provides_the_whole_api():
 # ---- SiLU ----
 
 
-def _silu_close(got, want, dtype, *operands):
+def _assert_silu_close(got, want, dtype, *operands):
     assert got.dtype == dtype and got.shape == want.shape and got.flags.c_contiguous
     # the twin's sigmoid 0.5 + 0.5 tanh(y / 2) cancels for y << 0 (absolute error ~eps/2, so its relative
     # error grows, down to 0 in float32 at y < -17): compare on the scale of the operands there
@@ -50,8 +50,8 @@ def _silu_close(got, want, dtype, *operands):
 @given(shape=shapes, dtype=dtypes, seed=seeds)
 def test_silu_matches_twin(shape, dtype, seed):
     x, dout = _draw(shape, dtype, seed)
-    _silu_close(cpu.silu_forward(x), ref.silu_forward(x), dtype, x)
-    _silu_close(cpu.silu_backward(dout, x), ref.silu_backward(dout, x), dtype, x, dout)
+    _assert_silu_close(cpu.silu_forward(x), ref.silu_forward(x), dtype, x)
+    _assert_silu_close(cpu.silu_backward(dout, x), ref.silu_backward(dout, x), dtype, x, dout)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -68,8 +68,8 @@ def test_silu_at_the_extremes_and_across_blocks(dtype):
     assert np.all(np.isfinite(d)) and d[-1] == 1.0 and np.all(np.abs(d[:4]) < 1e-30)
     # longer than one scratch block (2048), odd length, a non-contiguous input
     y = np.linspace(-20, 20, 2 * 5001, dtype=dtype)[::2]
-    _silu_close(cpu.silu_forward(y), ref.silu_forward(y), dtype, y)
-    _silu_close(cpu.silu_backward(y[::-1], y), ref.silu_backward(y[::-1], y), dtype, y, y)
+    _assert_silu_close(cpu.silu_forward(y), ref.silu_forward(y), dtype, y)
+    _assert_silu_close(cpu.silu_backward(y[::-1], y), ref.silu_backward(y[::-1], y), dtype, y, y)
 
 
 # ---- in place: bit-identical ----
