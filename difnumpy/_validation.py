@@ -20,17 +20,19 @@ class SampleGenerators:
 
     Parameters
     ----------
-    seed : int >= 0
+    seed : int >= 0, or a tuple of them (sample i's stream is ``default_rng([*seed, i])``)
     indices : sequence of int >= 0, the global indices of the samples of this batch (its rows)
     """
 
-    def __init__(self, seed: int, indices):
-        if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    def __init__(self, seed, indices):
+        key = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
+        if not key or any(isinstance(v, bool) or not isinstance(v, (numbers.Integral, np.integer)) or v < 0
+                          for v in key):
+            raise ValueError(f"seed must be an int >= 0 or a tuple of them, got {seed!r}")
         self.indices = [int(i) for i in indices]
         if not self.indices or min(self.indices) < 0:
             raise ValueError(f"indices must be non-empty ints >= 0, got {indices!r}")
-        self._gens = [np.random.default_rng([int(seed), i]) for i in self.indices]
+        self._gens = [np.random.default_rng([*(int(v) for v in key), i]) for i in self.indices]
 
     def standard_normal(self, size, dtype=np.float64) -> np.ndarray:
         size = (size,) if isinstance(size, (numbers.Integral, np.integer)) else tuple(int(s) for s in size)

@@ -21,7 +21,7 @@ import numpy as np
 
 from difnumpy.kernels import get_backend
 
-__all__ = ["World", "get_world", "launcher_size", "shard", "GradientAllreduce", "default_threads", "abort_on_error"]
+__all__ = ["World", "PeerFailure", "get_world", "configure_threads", "launcher_size", "shard", "GradientAllreduce", "default_threads", "abort_on_error"]
 
 #: Environment variables through which MPI launchers (MPICH/Hydra, Open MPI, MVAPICH) give the world size.
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -39,6 +39,10 @@ def launcher_size() -> int:
     return 1
 
 
+class PeerFailure(RuntimeError):
+    """Raised on a rank whose set-up passed when another rank's failed (that rank prints the error)."""
+
+
 class World:
     """The ranks of a run: ``rank``, ``size`` and the MPI communicator (None for one process).
 
@@ -47,6 +51,12 @@ class World:
 
     def __init__(self, rank: int = 0, size: int = 1, comm=None, mpi=None):
         self.rank, self.size, self.comm, self._mpi = int(rank), int(size), comm, mpi
+        #: set by this rank to ask every rank to stop after the current step (Ctrl-C, a time budget)
+        self.stop_requested = False
+        #: whether some rank asked, as agreed by the last training step's allreduce (the same on every rank)
+        self.stop_agreed = False
+        #: :meth:`end_setup` was called; the lowest rank whose set-up failed (None: none)
+        self.setup_done, self.setup_failed_rank = False, None
 
     @property
     def is_root(self) -> bool:
@@ -80,6 +90,24 @@ class World:
     def barrier(self) -> None:
         if self.size > 1:
             self.comm.Barrier()
+
+    def end_setup(self, failed: bool = False) -> None:
+        """The end of the set-up (argument and input checks, no collective calls): a collective, once.
+
+        Every rank calls it once per set-up: with ``failed=False`` when its checks passed, with ``failed=True`` from
+        its error handler when they did not. Afterwards :attr:`setup_failed_rank` is the lowest rank that
+        failed (None: none did); on a rank whose checks passed while another's failed this raises
+        :class:`PeerFailure`, so every rank stops, none waits forever and the error is printed once.
+        With one process it only records the outcome.
+        """
+        self.setup_done = True
+        if self.size == 1:
+            self.setup_failed_rank = 0 if failed else None
+            return
+        first = int(self.comm.allreduce(self.rank if failed else self.size, op=self._mpi.MIN))
+        self.setup_failed_rank = None if first == self.size else first
+        if self.setup_failed_rank is not None and not failed:
+            raise PeerFailure(f"rank {first} failed during set-up")
 
     def abort(self, code: int = 1) -> None:
         """Stop every rank now (``MPI_Abort``); with one process, exit with ``code``."""
@@ -140,6 +168,32 @@ def default_threads(world: World, cores: int | None = None) -> int:
     return max(1, int(cores) // world.size)
 
 
+def configure_threads(world: World, threads: int | None = None) -> int:
+    """Set this rank's kernel (numba) and BLAS threads; returns the number set.
+
+    ``threads=None``: :func:`default_threads` under an MPI launcher with several ranks, unless
+    ``NUMBA_NUM_THREADS`` is set in the environment (an explicit choice, kept); with one process
+    nothing changes. At most numba's own limit (``NUMBA_NUM_THREADS``, by default the cores).
+    """
+    import numba
+
+    limit = int(numba.config.NUMBA_NUM_THREADS)
+    if threads is None:
+        if world.size == 1 or "NUMBA_NUM_THREADS" in os.environ:
+            return int(numba.get_num_threads())
+        threads = min(default_threads(world), limit)
+    threads = int(threads)
+    if not 1 <= threads <= limit:
+        raise ValueError(f"threads must be in 1..{limit} (numba's NUMBA_NUM_THREADS), got {threads}")
+    numba.set_num_threads(threads)
+    try:  # BLAS (NumPy's, scipy's) would otherwise start one thread per core in every rank
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads, user_api="blas")
+    except ImportError:  # pragma: no cover
+        pass
+    return threads
+
+
 class GradientAllreduce:
     """The gradient sum of a data-parallel step: one ``Allreduce`` of one flat contiguous buffer.
 
@@ -147,6 +201,10 @@ class GradientAllreduce:
     copied into one buffer (allocated once, the gradients' dtype: 1.64 MB for the default float32 U-Net),
     scaled by ``n_local``, summed over the ranks, divided by the global batch size B and copied back, in
     place: afterwards every rank holds the gradient of the mean loss over all B images.
+
+    Two more numbers ride at the end of the same buffer, so a step makes exactly one call: this rank's
+    loss (the global mean loss is returned) and its :attr:`World.stop_requested` (summed into
+    :attr:`World.stop_agreed`, so every rank stops after the same step).
     """
 
     def __init__(self, world: World):
@@ -154,28 +212,36 @@ class GradientAllreduce:
         self._buf = None
         self.last_bytes = 0
 
-    def __call__(self, grads: dict, n_local: int, batch_size: int, backend="cpu") -> dict:
-        if self.world.size == 1:
-            return grads
+    def __call__(self, grads: dict, n_local: int, batch_size: int, backend="cpu",
+                 loss: float = 0.0) -> tuple[dict, float]:
+        """(the global-mean gradients, in place in ``grads``; the global mean loss)."""
+        world = self.world
+        if world.size == 1:
+            world.stop_agreed = world.stop_requested
+            return grads, float(loss)
         kern = get_backend(backend)
         host = {k: kern.to_host(g) for k, g in grads.items()}
         dt = np.result_type(*[h.dtype for h in host.values()])
         total = sum(h.size for h in host.values())
-        if self._buf is None or self._buf.size != total or self._buf.dtype != dt:
-            self._buf = np.empty(total, dtype=dt)
+        if self._buf is None or self._buf.size != total + 2 or self._buf.dtype != dt:
+            self._buf = np.empty(total + 2, dtype=dt)
         buf, off = self._buf, 0
         for h in host.values():
             buf[off:off + h.size] = h.reshape(-1)
             off += h.size
-        buf *= dt.type(n_local)
-        self.world.allreduce_(buf)
-        buf *= dt.type(1.0 / batch_size)
+        buf[:total] *= dt.type(n_local)
+        buf[total] = float(loss) * n_local  # in the gradients' dtype: float32 rounding of the reported loss
+        buf[total + 1] = 1.0 if world.stop_requested else 0.0
+        world.allreduce_(buf)
         self.last_bytes = buf.nbytes
+        buf[:total] *= dt.type(1.0 / batch_size)
         off = 0
         for k, h in host.items():
             grads[k] = kern.asarray(buf[off:off + h.size].reshape(h.shape).copy())
             off += h.size
-        return grads
+        extra = buf[total:].astype(np.float64)
+        world.stop_agreed = bool(extra[1] > 0)
+        return grads, float(extra[0]) / batch_size
 
 
 def abort_on_error(world: World, exc: BaseException, code: int = 1) -> None:

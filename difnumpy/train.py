@@ -31,6 +31,10 @@ on Ctrl-C (the first SIGINT finishes the current step, saves a checkpoint and re
 status ``"interrupted"``; a second one interrupts at once); on divergence (a non-finite loss
 or gradient norm: :class:`DivergenceError` is raised, and the last checkpoint written
 before it is kept untouched).
+
+Under ``mpiexec -n N`` (:mod:`difnumpy.distributed`) every rank runs :func:`train`: each computes B/N
+images of every step, rank 0 alone writes the files, and the ranks agree on stopping through the step's
+allreduce (a time budget or Ctrl-C stops every rank after the same step).
 """
 from __future__ import annotations
 
@@ -40,15 +44,14 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Callable
 
 import numpy as np
 
+from difnumpy._console import COMPILE_MESSAGE, CompileNotice, SigintGuard  # noqa: F401 (COMPILE_MESSAGE: re-exported)
 from difnumpy._io import atomic_write
 from difnumpy.data import DIGITS_NUM_CLASSES, SeededBatches, load_digits, load_idx
 from difnumpy.trainer import DivergenceError
@@ -60,8 +63,6 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.npz"
 LOG_FILE = "log.jsonl"
 LOSS_FILE = "loss.png"
-#: Said once (on stderr, with the progress bar on) when numba starts compiling kernels: a cold cache.
-COMPILE_MESSAGE = "compiling kernels (first run only) ..."
 
 # Fields that define the run; a resumed run must agree on them.
 # (label_dropout counts only in a conditional run: an unconditional one never draws it)
@@ -285,37 +286,6 @@ def _load_data(config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(x, dtype=np.dtype(config.dtype)), labels
 
 
-class _SigintGuard:
-    """First SIGINT sets a flag (stop after the current step); a second one raises at once.
-
-    Only installs a handler in the main thread (signals are delivered there); elsewhere it is
-    inert and a KeyboardInterrupt propagates as usual.
-    """
-
-    def __init__(self, on_first: Callable[[], None] | None = None):
-        self.requested = False
-        self._old = None
-        self._on_first = on_first
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.requested = True
-        if self._on_first is not None:
-            self._on_first()
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        return False
-
-
 def _check_backend_usable(config: TrainConfig) -> None:
     """backend="cuda" without a usable GPU is refused before anything is written."""
     if config.backend != "cuda":
@@ -343,14 +313,14 @@ def _run_metadata(config: TrainConfig, image_shape: tuple) -> dict:
             "seed": config.seed, "num_classes": DIGITS_NUM_CLASSES if config.conditional else None}
 
 
-def _build_trainer(config: TrainConfig, ckpt_path: str, in_channels: int):
+def _build_trainer(config: TrainConfig, ckpt_path: str, in_channels: int, world=None):
     from difnumpy.checkpoint import load_checkpoint
     from difnumpy.nn.unet import UNet
     from difnumpy.schedules import Schedule
     from difnumpy.trainer import Trainer
 
     if config.resume:
-        return load_checkpoint(ckpt_path, backend=config.backend)
+        return load_checkpoint(ckpt_path, backend=config.backend, world=world)
     model = UNet(in_channels=in_channels, base_channels=config.base_channels,
                  channel_mults=tuple(config.channel_mults), num_res_blocks=config.num_res_blocks,
                  groups=config.groups, dtype=np.dtype(config.dtype), rng=np.random.default_rng([config.seed, 1]),
@@ -360,7 +330,7 @@ def _build_trainer(config: TrainConfig, ckpt_path: str, in_channels: int):
                    rng=np.random.default_rng([config.seed, 2]), prediction_type=config.prediction_type,
                    weight_decay=config.weight_decay, grad_clip=config.grad_clip,
                    warmup_steps=config.warmup_steps, optimizer=config.optimizer,
-                   label_dropout=config.label_dropout if config.conditional else 0.0)
+                   label_dropout=config.label_dropout if config.conditional else 0.0, world=world)
 
 
 def _same(a, b) -> bool:
@@ -482,42 +452,6 @@ def _check_resume_config(config: TrainConfig, out_dir: str) -> None:
         raise ValueError(f"resume: the configuration differs from the run's {CONFIG_FILE}: " + "; ".join(diffs))
 
 
-class _CompileNotice:
-    """Says ``COMPILE_MESSAGE`` once when numba starts compiling a kernel (a cold cache: the first run).
-
-    Uses numba's event API (``"numba:compile"`` is broadcast on a cache miss only, so a warm cache
-    prints nothing); inert where that API is missing.
-    """
-
-    def __init__(self, say: Callable[[str], None]):
-        self.say, self.said, self._ev, self._listener = say, False, None, None
-
-    def __enter__(self):
-        try:
-            from numba.core import event as ev
-        except ImportError:  # pragma: no cover
-            return self
-        notice = self
-
-        class _Listener(ev.Listener):
-            def on_start(self, event):
-                if not notice.said:
-                    notice.said = True
-                    notice.say(COMPILE_MESSAGE)
-
-            def on_end(self, event):
-                pass
-
-        self._ev, self._listener = ev, _Listener()
-        ev.register("numba:compile", self._listener)
-        return self
-
-    def __exit__(self, *exc):
-        if self._ev is not None:
-            self._ev.unregister("numba:compile", self._listener)
-        return False
-
-
 def _write_loss_png(log_path: str, png_path: str) -> str | None:
     from difnumpy.viz import loss_curve
 
@@ -533,7 +467,26 @@ def _write_loss_png(log_path: str, png_path: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------ train
-def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] | None = None) -> dict:
+def _setup(config: TrainConfig, world, ckpt_path: str, out_dir: str):
+    """The checks and the trainer of :func:`train`, nothing written: (trainer, x, labels, image_shape)."""
+    config.validate()
+    world.batch_slice(config.batch_size)  # B divisible by the ranks, before any work
+    if config.resume:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path!r}")
+    elif os.path.exists(ckpt_path) and not config.overwrite:
+        raise ValueError(f"out_dir {out_dir!r} already holds a run ({CHECKPOINT_FILE}); "
+                         "resume it, choose another out_dir, or set overwrite")
+    _check_backend_usable(config)
+    x, labels = _load_data(config)
+    image_shape = tuple(int(v) for v in x.shape[1:])
+    _check_image_shape(config, image_shape)
+    if config.resume:
+        _check_resume(config, ckpt_path, image_shape, out_dir)
+    return _build_trainer(config, ckpt_path, image_shape[0], world), x, labels, image_shape
+
+
+def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] | None = None, world=None) -> dict:
     """Train the U-Net with the DDPM loss, with logging, checkpoints, resume and a time budget.
 
     Parameters
@@ -542,6 +495,12 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
         See :class:`TrainConfig`.
     callback : callable, optional
         ``callback(step, loss)`` after every successful update (``step`` 1-based).
+    world : difnumpy.distributed.World, optional
+        Data parallelism over MPI ranks (default :func:`difnumpy.distributed.get_world`: one process
+        unless started by ``mpiexec`` with several ranks). Every rank runs this function; each computes
+        its B/N images of every step, and rank 0 alone writes the run's files, the log and the progress
+        bar. Stopping (time budget, Ctrl-C) is agreed through the step's allreduce, so every rank stops
+        after the same step. The run equals a one-process run up to float rounding.
 
     Returns
     -------
@@ -564,6 +523,8 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
         checkpoint's run metadata (or, for an older checkpoint, from the run's config.json).
     RuntimeError
         ``backend="cuda"`` without a usable GPU.
+    ValueError
+        Several MPI ranks and a ``batch_size`` they do not divide (before any work).
 
     Notes
     -----
@@ -581,7 +542,10 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig or a dict, got {type(config).__name__}")
     config = dataclasses.replace(config)  # private copy
-    config.validate()
+    from difnumpy.distributed import get_world
+    world = world or get_world()
+    root = world.is_root
+    world.stop_requested = world.stop_agreed = False  # rank 0 alone writes files and shows progress
     out_dir = os.fspath(config.out_dir)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_FILE)
     log_path = os.path.join(out_dir, LOG_FILE)
@@ -590,34 +554,30 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
     bar = None
 
     def say(msg: str) -> None:
+        if not root:
+            return
         if bar is not None:
             bar.write(msg, file=sys.stderr)
         else:
             print(msg, file=sys.stderr, flush=True)
 
-    notice = _CompileNotice(say) if config.progress else contextlib.nullcontext()
+    notice = CompileNotice(say) if config.progress else contextlib.nullcontext()
     with notice:
-        # 1. everything that can fail is checked before out_dir is touched
-        if config.resume:
-            if not os.path.isfile(ckpt_path):
-                raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path!r}")
-        elif os.path.exists(ckpt_path) and not config.overwrite:
-            raise ValueError(f"out_dir {out_dir!r} already holds a run ({CHECKPOINT_FILE}); "
-                             "resume it, choose another out_dir, or set overwrite")
-        _check_backend_usable(config)
-        x, labels = _load_data(config)
-        image_shape = tuple(int(v) for v in x.shape[1:])
-        _check_image_shape(config, image_shape)
-        if config.resume:
-            _check_resume(config, ckpt_path, image_shape, out_dir)
-        trainer = _build_trainer(config, ckpt_path, image_shape[0])
+        # 1. everything that can fail is checked before out_dir is touched (every rank; no collectives)
+        try:
+            trainer, x, labels, image_shape = _setup(config, world, ckpt_path, out_dir)
+        except BaseException:
+            world.end_setup(failed=True)  # every rank learns of it: none waits in a collective
+            raise
+        world.end_setup()
         metadata = _run_metadata(config, image_shape)
         start = trainer.step_count
 
         # 2. the directory: a replaced run stays until the new run's first checkpoint is written
-        os.makedirs(out_dir, exist_ok=True)
-        staging = None
-        if config.overwrite and os.path.exists(ckpt_path):
+        staging, log_fh = None, None
+        if root:
+            os.makedirs(out_dir, exist_ok=True)
+        if root and config.overwrite and os.path.exists(ckpt_path):
             staging = tempfile.mkdtemp(dir=out_dir, prefix=".difnumpy-new-run.")
         where = staging or out_dir
         run_ckpt, run_log, run_cfg_path = (os.path.join(where, f) for f in (CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE))
@@ -627,13 +587,14 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
         from difnumpy import __version__
         run_cfg["difnumpy_version"] = __version__
         try:
-            _atomic_write_text(run_cfg_path, json.dumps(run_cfg, indent=2) + "\n")
-            # the log: keep records up to the checkpoint's step (a resumed run rewrites what followed it)
-            kept = []
-            if config.resume and os.path.exists(log_path):
-                kept = [r for r in read_log(log_path) if r["step"] <= start]
-            _atomic_write_text(run_log, "".join(json.dumps(r) + "\n" for r in kept))
-            log_fh = open(run_log, "a", encoding="utf-8")
+            if root:
+                _atomic_write_text(run_cfg_path, json.dumps(run_cfg, indent=2) + "\n")
+                # the log: keep records up to the checkpoint's step (a resumed run rewrites what followed it)
+                kept = []
+                if config.resume and os.path.exists(log_path):
+                    kept = [r for r in read_log(log_path) if r["step"] <= start]
+                _atomic_write_text(run_log, "".join(json.dumps(r) + "\n" for r in kept))
+                log_fh = open(run_log, "a", encoding="utf-8")
         except BaseException:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -641,6 +602,8 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
 
         def checkpoint() -> None:
             nonlocal staging, run_ckpt, log_fh
+            if not root:
+                return
             save_checkpoint(run_ckpt, trainer, metadata)
             if staging is None:
                 return
@@ -666,7 +629,7 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
         win_t = t_start
         last_loss = None
         images_per_s = None
-        if config.progress:
+        if config.progress and root:
             from tqdm.auto import tqdm
             if budget_s is not None:  # a time-budgeted run: progress is time spent out of the budget
                 bar = tqdm(total=round(budget_s, 1), unit="s", desc="train", dynamic_ncols=True, leave=True,
@@ -680,13 +643,13 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
             say("interrupt received: saving a checkpoint after this step (Ctrl-C again to abort now)")
 
         try:
-            with _SigintGuard(note_interrupt) as guard:
+            with SigintGuard(note_interrupt) as guard:
                 for k in range(start, config.steps):
-                    if guard.requested:
-                        status = "interrupted"
-                        break
-                    if budget_s is not None and time.perf_counter() - t_start > budget_s:
-                        status = "time_budget"
+                    over = budget_s is not None and time.perf_counter() - t_start > budget_s
+                    if world.size > 1:  # agreed in the step's allreduce: every rank stops after the same step
+                        world.stop_requested = guard.requested or over
+                    elif guard.requested or over:
+                        status = "interrupted" if guard.requested else "time_budget"
                         break
                     try:
                         loss = trainer.step(*batches(k))
@@ -711,8 +674,9 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
                         rec = {"step": step, "loss": float(np.mean(win_losses)), "last_loss": float(loss),
                                "lr": trainer.last_lr, "grad_norm": trainer.last_grad_norm,
                                "images_per_s": round(images_per_s, 2), "elapsed_s": round(now - t_start, 3)}
-                        log_fh.write(json.dumps(rec) + "\n")
-                        log_fh.flush()
+                        if log_fh is not None:
+                            log_fh.write(json.dumps(rec) + "\n")
+                            log_fh.flush()
                         win_losses, win_t = [], now
                         if bar is not None:
                             bar.set_postfix(step=step, loss=f"{rec['loss']:.4f}", img_s=f"{images_per_s:.0f}",
@@ -725,20 +689,24 @@ def train(config: TrainConfig | dict, *, callback: Callable[[int, float], Any] |
                     if step % config.checkpoint_every == 0:
                         checkpoint()
                         last_saved = step
+                    if world.size > 1 and world.stop_agreed:
+                        status = "interrupted" if guard.requested else "time_budget"
+                        break
                 if status != "diverged" and trainer.step_count != last_saved:
                     checkpoint()
                     last_saved = trainer.step_count
                 if bar is not None and budget_s is not None and status == "time_budget":
                     bar.update(bar.total - bar.n)  # the budget is spent: 100 %
         finally:
-            log_fh.close()
+            if log_fh is not None:
+                log_fh.close()
             if bar is not None:
                 bar.close()
             if staging is not None:  # the new run never reached its first checkpoint: the old run stays
                 shutil.rmtree(staging, ignore_errors=True)
     elapsed = time.perf_counter() - t_start
     replaced_old_run_kept = staging is not None
-    loss_png = None if replaced_old_run_kept else _write_loss_png(log_path, png_path)
+    loss_png = None if replaced_old_run_kept or not root else _write_loss_png(log_path, png_path)
     if diverged is not None:
         raise diverged
     done = trainer.step_count - start

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "difnumpy"
 
 # the floors, lowest first (ARCHITECTURE.md): a module may import modules of its floor or below
 FLOORS = [
-    ("difnumpy._validation", 0), ("difnumpy._io", 0), ("difnumpy.kernels", 0),
+    ("difnumpy._validation", 0), ("difnumpy._io", 0), ("difnumpy._console", 0), ("difnumpy.kernels", 0),
     ("difnumpy.schedules", 1), ("difnumpy.data", 1), ("difnumpy.nn", 1),
     ("difnumpy.diffusion", 2), ("difnumpy.testing", 2),
     ("difnumpy.samplers", 3), ("difnumpy.solvers", 3), ("difnumpy.metrics", 3), ("difnumpy.viz", 3),

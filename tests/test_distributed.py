@@ -44,7 +44,8 @@ def test_one_process_world_needs_no_mpi(monkeypatch):
     monkeypatch.setenv("PMI_SIZE", "4")
     assert launcher_size() == 4
     grads = {"w": np.ones(3, np.float32)}
-    assert GradientAllreduce(SINGLE)(grads, 2, 4) is grads and np.all(grads["w"] == 1)
+    got, loss = GradientAllreduce(SINGLE)(grads, 2, 4, loss=0.5)
+    assert got is grads and np.all(grads["w"] == 1) and loss == 0.5
 
 
 def test_shards_and_batch_slices():
@@ -68,6 +69,10 @@ def test_sample_generators_do_not_depend_on_the_batching():
     np.testing.assert_array_equal(a[3], np.random.default_rng([5, 3]).standard_normal((2, 3), np.float32))
     with pytest.raises(ValueError, match="one row per sample"):
         SampleGenerators(5, range(6)).standard_normal((5, 2))
+    c = SampleGenerators((5, 30), [2]).standard_normal((1, 3))  # a tuple seed: default_rng([5, 30, i])
+    np.testing.assert_array_equal(c[0], np.random.default_rng([5, 30, 2]).standard_normal(3))
+    with pytest.raises(ValueError, match="seed must be an int >= 0 or a tuple"):
+        SampleGenerators(-1, [0])
 
 
 # ---------------------------------------------------------------------------------------------- under mpiexec
@@ -153,3 +158,160 @@ def test_batch_not_divisible_by_ranks_is_refused(tmp_path):
     r = run(2, "batch", tmp_path / "x", 5, timeout=120)
     assert r.returncode != 0
     assert "batch_size 5 is not divisible by the number of MPI ranks 2" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the CLI under mpiexec
+TRAIN = ["--steps", "6", "--batch-size", "16", "--checkpoint-every", "3", "--base-channels", "8", "--timesteps", "100",
+         "--no-progress"]
+
+
+def cli(n, *args, timeout=300, env=None, code=None):
+    """``[mpiexec -n N] python -m difnumpy ARGS`` (or, with ``code``, ``python -c CODE ARGS``)."""
+    launch = [MPIEXEC, "-n", str(n)] if n > 1 else []
+    prog = ["-c", code] if code else ["-m", "difnumpy"]
+    return subprocess.run(launch + [sys.executable, *prog, *map(str, args)], capture_output=True, text=True,
+                          env={**_env(), **(env or {})}, timeout=timeout)
+
+
+def _params(path):
+    z = np.load(path)
+    return {k: z[k] for k in z.files if k.startswith(("params/", "ema/"))}
+
+
+def test_configure_threads(monkeypatch):
+    import numba
+
+    from difnumpy.distributed import configure_threads
+    before = numba.get_num_threads()
+    try:
+        monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+        assert configure_threads(SINGLE) == before  # one process: unchanged
+        assert configure_threads(World(0, 64)) == 1 == numba.get_num_threads()  # cores // ranks, at least 1
+        monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
+        assert configure_threads(World(0, 64)) == 1  # set by the user: kept
+        with pytest.raises(ValueError, match="threads must be in 1.."):
+            configure_threads(SINGLE, numba.config.NUMBA_NUM_THREADS + 1)
+    finally:
+        numba.set_num_threads(before)
+
+
+@needs_mpi
+def test_cli_train_on_two_ranks_equals_one_process_and_only_rank0_writes(tmp_path):
+    r1 = cli(1, "train", "--out", tmp_path / "one", *TRAIN)
+    r2 = cli(2, "train", "--out", tmp_path / "two", *TRAIN)
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout.count("completed: step 6") == 1  # rank 0 alone reports
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    a, b = _params(tmp_path / "one" / "checkpoint.npz"), _params(tmp_path / "two" / "checkpoint.npz")
+    assert a and list(a) == list(b)
+    for k in a:
+        # atol: biases in front of a GroupNorm get a zero gradient, rounding noise only (~1e-7 after Adam)
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    la = [r["loss"] for r in map(eval, open(tmp_path / "one" / "log.jsonl"))]  # noqa: S307 - our own JSON lines
+    lb = [r["loss"] for r in map(eval, open(tmp_path / "two" / "log.jsonl"))]  # noqa: S307
+    np.testing.assert_allclose(lb, la, rtol=1e-5)  # the global loss, not rank 0's half
+
+
+@needs_mpi
+def test_cli_resume_with_another_number_of_ranks_continues_exactly(tmp_path):
+    straight = cli(1, "train", "--out", tmp_path / "straight", *TRAIN)
+    first = cli(1, "train", "--out", tmp_path / "run", *TRAIN[:-1], "--no-progress", "--steps", "3")
+    assert straight.returncode == 0 and first.returncode == 0, first.stderr
+    r = cli(2, "train", "--out", tmp_path / "run", "--resume", "--steps", "6", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    a, b = _params(tmp_path / "straight" / "checkpoint.npz"), _params(tmp_path / "run" / "checkpoint.npz")
+    assert a and list(a) == list(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@needs_mpi
+def test_cli_sample_and_evaluate_are_the_same_for_any_ranks_and_batch_size(tmp_path):
+    assert cli(1, "train", "--out", tmp_path / "run", *TRAIN).returncode == 0
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    common = ["--checkpoint", ckpt, "-n", 7, "--steps", 10, "--no-progress", "--method", "ddpm"]
+    r1 = cli(1, "sample", *common, "--out", tmp_path / "s1", "--batch-size", 7)
+    r2 = cli(2, "sample", *common, "--out", tmp_path / "s2", "--batch-size", 2)
+    r3 = cli(1, "sample", *common, "--out", tmp_path / "s3", "--batch-size", 3)
+    for r in (r1, r2, r3):
+        assert r.returncode == 0, r.stderr
+    assert r2.stdout.count("7 samples") == 1
+    a = np.load(tmp_path / "s1" / "samples.npy")
+    assert a.shape == (7, 1, 8, 8) and len(np.unique(a[:, 0, 0, 0])) == 7
+    np.testing.assert_array_equal(np.load(tmp_path / "s2" / "samples.npy"), a)
+    np.testing.assert_array_equal(np.load(tmp_path / "s3" / "samples.npy"), a)
+    # sample i's noise is (seed, i): the first 4 of 7 are the 4 samples of -n 4
+    r4 = cli(1, "sample", *common[:2], "-n", 4, *common[4:], "--out", tmp_path / "s4")
+    assert r4.returncode == 0, r4.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "s4" / "samples.npy"), a[:4])
+    ev = ["--checkpoint", ckpt, "-n", 20, "--steps", 5, "--bpd-timesteps", 0, "--no-progress"]
+    e1 = cli(1, "evaluate", *ev, "--json", tmp_path / "e1.json")
+    e2 = cli(2, "evaluate", *ev, "--json", tmp_path / "e2.json", "--batch-size", 3)
+    assert e1.returncode == 0 and e2.returncode == 0, e2.stderr
+    assert e2.stdout.count("wrote") == 1
+    import json
+    j1, j2 = (json.load(open(tmp_path / f)) for f in ("e1.json", "e2.json"))
+    for k, v in j1.items():
+        if isinstance(v, float) and k != "sampling_s":
+            assert j2[k] == v, k  # the same samples, scored once: the same numbers
+
+
+@needs_mpi
+def test_cli_errors_under_mpiexec_are_printed_once_and_stop_every_rank(tmp_path):
+    r = cli(2, "train", "--out", tmp_path / "odd", *TRAIN[:2], "--batch-size", "15", *TRAIN[4:], timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("batch_size 15 is not divisible by the number of MPI ranks 2") == 1, r.stderr
+    assert not (tmp_path / "odd" / "checkpoint.npz").exists()
+    r = cli(2, "sample", "--checkpoint", tmp_path / "missing.npz", "--out", tmp_path / "s", timeout=120)
+    assert r.returncode == 1 and r.stderr.count("does not exist") == 1, r.stderr
+    r = cli(2, "demo", "--out", tmp_path / "d", timeout=120)
+    assert r.returncode == 2 and r.stderr.count("demo runs in one process") == 1, r.stderr
+
+
+# rank 1 raises in its 5th step, after the checkpoint of step 3 (a fault after the set-up)
+_FAIL_AT_5 = """
+import sys
+from difnumpy.cli import main
+from difnumpy.distributed import get_world
+from difnumpy.trainer import Trainer
+step = Trainer.step
+def failing(self, *a, **k):
+    if get_world().rank == 1 and self.step_count == 4:
+        raise OSError("rank 1 lost its disk at step 5")
+    return step(self, *a, **k)
+Trainer.step = failing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@needs_mpi
+def test_cli_a_rank_that_raises_stops_every_rank_and_keeps_the_checkpoint(tmp_path):
+    t0 = time.perf_counter()
+    r = cli(2, "train", "--out", tmp_path / "run", *TRAIN, code=_FAIL_AT_5, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode != 0
+    assert r.stderr.count("rank 1 lost its disk at step 5") == 1, r.stderr
+    assert "rank 1 of 2" in r.stderr
+    assert elapsed < 60
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.npz").step_count == 3  # the last good one, intact
+
+
+@needs_mpi
+def test_cli_ctrl_c_on_the_launcher_stops_every_rank_after_the_same_step(tmp_path):
+    import signal
+    out = tmp_path / "run"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "difnumpy", "train", "--out", str(out), "--steps", "100000",
+           "--batch-size", "16", "--checkpoint-every", "1000", "--base-channels", "8", "--timesteps", "100",
+           "--no-progress"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() or os.path.getsize(out / "log.jsonl") == 0:
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert stdout.count("interrupted: step") == 1, (stdout, stderr)
+    tr = load_checkpoint(out / "checkpoint.npz")  # saved after the step every rank stopped at
+    assert tr.step_count > 10 and f"interrupted: step {tr.step_count} " in stdout

@@ -26,6 +26,7 @@ from difnumpy.cli._common import INPAINT_JUMP_LENGTH, INPAINT_JUMP_N_SAMPLE, INP
 from difnumpy.cli.commands import cmd_evaluate, cmd_inpaint, cmd_sample, cmd_train
 from difnumpy.cli.demo import (COND_GUIDANCE_SCALE, COND_JUMP_LENGTH, COND_JUMP_N_SAMPLE, COND_LABEL_DROPOUT,
                                COND_N_INPAINT, COND_INPAINT_STEPS, COND_TOTAL_MINUTES, DEMO_MINUTES, cmd_demo)
+from difnumpy.distributed import SINGLE, PeerFailure, configure_threads, get_world
 from difnumpy.kernels import BACKENDS
 from difnumpy.samplers import METHODS
 from difnumpy.schedules import SCHEDULE_NAMES
@@ -57,6 +58,12 @@ def _model_args(q):
     q.add_argument("--backend", choices=BACKENDS, default=None, help="kernel backend (default: stored)")
     q.add_argument("--device", dest="backend", choices=("cpu", "cuda"), help="same as --backend, cpu or cuda")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _threads_arg(q)
+
+
+def _threads_arg(q):
+    q.add_argument("--threads", type=positive_int, default=None,
+                   help="kernel threads of this process (default: all cores; under mpiexec -n N, cores / N per rank)")
 
 
 def _class_args(q, rescale=True):
@@ -107,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _threads_arg(t)
 
     steps_help = "sampling steps (default: T for ddpm, 50 for the others)"
     s = sub.add_parser("sample", help="draw samples from a checkpoint (optionally class-guided)",
@@ -207,10 +215,30 @@ _COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
              "demo": cmd_demo}
 
 
+def _report(prog: str, exc: BaseException) -> tuple[str, int]:
+    """(the one-line message, the exit status) of an exception."""
+    if isinstance(exc, CLIError):
+        msg = str(exc)
+        return (msg if msg.startswith("difnumpy") else f"{prog}: error: {msg}"), exc.code
+    if isinstance(exc, KeyboardInterrupt):
+        return f"{prog}: interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, DivergenceError):
+        return f"{prog}: error: {exc}", EXIT_DIVERGED
+    kind = "" if isinstance(exc, (ValueError, TypeError, OSError)) else f"{type(exc).__name__}: "
+    return f"{prog}: error: {kind}{' '.join(str(exc).split()) or type(exc).__name__}", EXIT_RUNTIME
+
+
 def main(argv=None) -> int:
-    """Entry point of the ``difnumpy`` console script; returns the exit status."""
+    """Entry point of the ``difnumpy`` console script; returns the exit status.
+
+    Under ``mpiexec -n N`` (N > 1) every rank runs this: the arguments and inputs are checked on every
+    rank, then the ranks agree (:meth:`difnumpy.distributed.World.end_setup`) so that a set-up error is
+    printed once (by the lowest rank that raised it) and every rank exits; an error after that is
+    printed by the rank that raised it, which stops every rank (``MPI_Abort``): the exit status is
+    non-zero and no rank waits forever. Rank 0 alone writes files and shows progress.
+    """
     debug = os.environ.get("DIFNUMPY_DEBUG") == "1"
-    prog = "difnumpy"
+    prog, world = "difnumpy", SINGLE
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -218,24 +246,40 @@ def main(argv=None) -> int:
             parser.print_help()
             return EXIT_USAGE
         prog = f"difnumpy {args.command}"
-        return _COMMANDS[args.command](args)
-    except CLIError as exc:
-        msg = str(exc)
-        print(msg if msg.startswith("difnumpy") else f"{prog}: error: {msg}", file=sys.stderr)
-        return exc.code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - the CLI never shows a traceback
-        if debug:
+        world = get_world()
+        world.setup_done = False
+        try:
+            configure_threads(world, getattr(args, "threads", None))
+        except ValueError as exc:
+            raise CLIError(f"--threads: {exc}") from None
+        return _COMMANDS[args.command](args, world)
+    except BaseException as exc:  # noqa: BLE001 - the CLI never shows a traceback
+        if isinstance(exc, SystemExit) or (debug and isinstance(exc, Exception) and not isinstance(exc, CLIError)):
             raise
-        if isinstance(exc, DivergenceError):
-            print(f"{prog}: error: {exc}", file=sys.stderr)
-            return EXIT_DIVERGED
-        kind = "" if isinstance(exc, (ValueError, TypeError, OSError)) else f"{type(exc).__name__}: "
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{prog}: error: {kind}{text}", file=sys.stderr)
+        if world.size > 1:
+            return _fail_distributed(prog, exc, world)
+        if not isinstance(exc, Exception) and not isinstance(exc, KeyboardInterrupt):
+            raise
+        msg, code = _report(prog, exc)
+        print(msg, file=sys.stderr)
+        return code
+
+
+def _fail_distributed(prog: str, exc: BaseException, world) -> int:
+    """An error on one rank of several: printed once, and every rank stops (see :func:`main`)."""
+    if not world.setup_done:  # the others reach end_setup too: agree on who failed first
+        world.end_setup(failed=True)
+    if isinstance(exc, PeerFailure):  # another rank failed its set-up and prints why
         return EXIT_RUNTIME
+    msg, code = _report(prog, exc)
+    if world.setup_failed_rank is not None:  # a set-up error: every rank stops here, no abort needed
+        if world.rank == world.setup_failed_rank:
+            print(msg, file=sys.stderr, flush=True)
+        return code
+    if not isinstance(exc, KeyboardInterrupt) or world.is_root:  # Ctrl-C reaches every rank: said once
+        print(f"{msg} (rank {world.rank} of {world.size}; stopping every rank)", file=sys.stderr, flush=True)
+    world.abort(code)
+    return code  # pragma: no cover - abort does not return
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,8 +11,10 @@ import numpy as np
 
 from difnumpy import metrics, solvers
 from difnumpy._io import atomic_write
+from difnumpy._validation import SampleGenerators
 from difnumpy.checkpoint import load_model, read_checkpoint, read_metadata
 from difnumpy.data import load_digits
+from difnumpy.distributed import SINGLE, shard
 from difnumpy.nn.optim import ema_decay_at
 from difnumpy.samplers import METHODS, sample_progressive
 from difnumpy.schedules import Schedule
@@ -309,31 +311,33 @@ def check_guidance_args(labels, guidance_scale, guidance_rescale) -> tuple[float
             0.0 if guidance_rescale is None else float(guidance_rescale))
 
 
-def generate(model, schedule, shape, *, method, steps, eta, rng, prediction_type, batch_size,
+def generate(model, schedule, shape, *, method, steps, eta, seed, prediction_type, batch_size,
              class_labels=None, guidance_scale=1.0, guidance_rescale=0.0, karras=False,
-             trajectory_rows=0, trajectory_frames=10, progress=False):
-    """Samples in batches (one rng stream); optionally frames of x0_pred for the first rows.
+             trajectory_rows=0, trajectory_frames=10, progress=False, world=SINGLE):
+    """Samples in batches, sharded over the MPI ranks; optionally frames of x0_pred for the first rows.
 
-    ``class_labels`` (N,) int64 or None; the batches take their slices of it. Returns
-    (samples, frames, frame_ts) -- frames a list of (rows, C, H, W) arrays.
+    Sample i's x_T and step noise come from ``(seed, i)`` (:class:`difnumpy._validation.SampleGenerators`),
+    so the samples are the same bits for any batch size and any number of ranks. Each rank draws its
+    shard (:func:`difnumpy.distributed.shard`) and rank 0 gathers them. ``class_labels`` (N,) int64 or
+    None; the batches take their slices of it. Returns (samples, frames, frame_ts) on rank 0 (samples
+    None on the others) -- frames a list of (rows, C, H, W) arrays.
     """
     n = shape[0]
-    outs, frames, frame_ts = [], [], []
-    # one child Generator per batch: the sampler draws the batch's x_T from it first, then the
-    # stochastic steps' noise (a sampler refuses x_T= and rng= together)
-    seeds = rng.integers(0, 2**63 - 1, size=(n + batch_size - 1) // batch_size)
+    frames, frame_ts = [], []
     step_kw = {"prediction_type": prediction_type}
     if karras:
         step_kw["use_karras_sigmas"] = True
     cond = {}
-    for bi, start in enumerate(range(0, n, batch_size)):
-        b = min(batch_size, n - start)
+    a, b = shard(n, world)
+    outs = [np.zeros((0,) + tuple(shape[1:]), np.float32)]
+    for start in range(a, b, batch_size):
+        bs = min(batch_size, b - start)
         if class_labels is not None:
-            cond = dict(class_labels=class_labels[start:start + b], guidance_scale=guidance_scale,
+            cond = dict(class_labels=class_labels[start:start + bs], guidance_scale=guidance_scale,
                         guidance_rescale=guidance_rescale)
-        kw = dict(method=method, num_steps=steps, eta=eta, rng=np.random.default_rng(int(seeds[bi])),
-                  progress=progress, dtype=np.float32, **cond, **step_kw)
-        bshape = (b,) + tuple(shape[1:])
+        kw = dict(method=method, num_steps=steps, eta=eta, rng=SampleGenerators(seed, range(start, start + bs)),
+                  progress=progress and world.is_root, dtype=np.float32, **cond, **step_kw)
+        bshape = (bs,) + tuple(shape[1:])
         want = trajectory_rows if start == 0 else 0
         x, all_frames, all_ts = None, [], []
         for st in sample_progressive(model, schedule, bshape, **kw):
@@ -345,8 +349,8 @@ def generate(model, schedule, shape, *, method, steps, eta, rng, prediction_type
             keep = np.unique(np.round(np.linspace(0, len(all_frames) - 1, trajectory_frames)).astype(int))
             frames = [all_frames[i] for i in keep]
             frame_ts = [all_ts[i] for i in keep]
-        outs.append(np.clip(x, -1.0, 1.0))
-    return np.concatenate(outs), frames, frame_ts
+        outs.append(np.clip(x, -1.0, 1.0).astype(np.float32))
+    return world.gather_rows(np.concatenate(outs)), frames, frame_ts
 
 
 # ------------------------------------------------------------------------------ inpainting masks

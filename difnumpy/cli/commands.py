@@ -11,13 +11,15 @@ from difnumpy.cli._common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, MASK_
                                   check_sampling_args, class_scores, evaluate, fmt, format_table, generate,
                                   load_for_sampling, named_mask, prepare_out_dir, resolve_class_labels, save_json,
                                   save_npy)
+from difnumpy._validation import SampleGenerators
 from difnumpy.data import load_digits
+from difnumpy.distributed import SINGLE, shard
 from difnumpy.samplers import inpaint
 from difnumpy.train import CHECKPOINT_FILE, TrainConfig, config_from_checkpoint, load_run_config, train
 
 
 # ------------------------------------------------------------------------------ train
-def cmd_train(args) -> int:
+def cmd_train(args, world=SINGLE) -> int:
     given = {k: v for k, v in vars(args).items() if v is not None and k in
              {f for f in TrainConfig.__dataclass_fields__}}
     given["out_dir"] = args.out
@@ -51,8 +53,11 @@ def cmd_train(args) -> int:
         config = TrainConfig.from_dict(given).validate()
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from None
-    prepare_out_dir(config.out_dir)
-    result = train(config)
+    if world.is_root:
+        prepare_out_dir(config.out_dir)
+    result = train(config, world=world)
+    if not world.is_root:
+        return EXIT_INTERRUPTED if result["status"] == "interrupted" else EXIT_OK
     print(f"{result['status']}: step {result['step']} ({result['steps_this_call']} this run, "
           f"{result['elapsed_s']:.1f} s, {result['images_per_s'] or 0:.0f} images/s), "
           f"last loss {result['last_loss'] if result['last_loss'] is None else round(result['last_loss'], 5)}; "
@@ -64,7 +69,7 @@ def cmd_train(args) -> int:
 
 
 # ------------------------------------------------------------------------------ sample
-def cmd_sample(args) -> int:
+def cmd_sample(args, world=SINGLE) -> int:
     from difnumpy import viz  # matplotlib: only for the commands that draw
 
     model, schedule, md, used = load_for_sampling(args.checkpoint, args.weights, args.backend)
@@ -72,15 +77,17 @@ def cmd_sample(args) -> int:
     check_sampling_args(schedule, args.method, args.steps, args.eta, args.n, args.karras)
     labels = resolve_class_labels(args.class_labels, args.n, md["num_classes"], args.checkpoint)
     w, phi = check_guidance_args(labels, args.guidance_scale, args.guidance_rescale)
-    out = prepare_out_dir(args.out)
-    rng = np.random.default_rng(args.seed)
+    out = prepare_out_dir(args.out) if world.is_root else args.out
+    world.end_setup()
     t0 = time.perf_counter()
     samples, frames, frame_ts = generate(
-        model, schedule, (args.n,) + image_shape, method=args.method, steps=args.steps, eta=args.eta, rng=rng,
+        model, schedule, (args.n,) + image_shape, method=args.method, steps=args.steps, eta=args.eta, seed=args.seed,
         prediction_type=pred, batch_size=args.batch_size, class_labels=labels, guidance_scale=w,
         guidance_rescale=phi, karras=args.karras,
-        trajectory_rows=min(8, args.n) if args.trajectory else 0, progress=not args.no_progress)
+        trajectory_rows=min(8, args.n) if args.trajectory else 0, progress=not args.no_progress, world=world)
     dt = time.perf_counter() - t0
+    if not world.is_root:
+        return EXIT_OK
     T = schedule.num_timesteps
     n_steps = args.steps or (T if args.method == "ddpm" else min(50, T))
     title = (f"{args.method.upper()}, {n_steps} steps" + (f", eta={args.eta:g}" if args.method == "ddim" else "")
@@ -130,7 +137,7 @@ def read_samples(path: str) -> np.ndarray:
     return loaded
 
 
-def cmd_evaluate(args) -> int:
+def cmd_evaluate(args, world=SINGLE) -> int:
     model, schedule, md, used = load_for_sampling(args.checkpoint, args.weights, args.backend)
     pred, image_shape = md["prediction_type"], md["image_shape"]
     if image_shape != (1, 8, 8):
@@ -142,20 +149,25 @@ def cmd_evaluate(args) -> int:
         raise CLIError(f"evaluate scores 8x8 digits models only; this checkpoint was trained on {md['data']!r}")
     check_sampling_args(schedule, args.method, args.steps, args.eta, args.n, args.karras)
     json_path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "evaluate.json")
-    prepare_out_dir(os.path.dirname(os.path.abspath(json_path)), "--json")
+    if world.is_root:
+        prepare_out_dir(os.path.dirname(os.path.abspath(json_path)), "--json")
     rng = np.random.default_rng(args.seed)
     if args.samples:
         samples = read_samples(args.samples)
         if samples.ndim != 4 or samples.shape[1:] != (1, 8, 8) or samples.shape[0] < 2:
             raise CLIError(f"--samples must hold an (N >= 2, 1, 8, 8) array, got {samples.shape}")
         method_info = {"samples_file": os.path.abspath(args.samples)}
+        world.end_setup()
     else:
+        world.end_setup()
         t0 = time.perf_counter()
         samples, _, _ = generate(model, schedule, (args.n,) + image_shape, method=args.method, steps=args.steps,
-                                 eta=args.eta, rng=rng, prediction_type=pred, batch_size=args.batch_size,
-                                 karras=args.karras, progress=not args.no_progress)
+                                 eta=args.eta, seed=args.seed, prediction_type=pred, batch_size=args.batch_size,
+                                 karras=args.karras, progress=not args.no_progress, world=world)
         method_info = {"method": args.method, "num_steps": args.steps, "eta": args.eta,
                        "use_karras_sigmas": bool(args.karras), "sampling_s": round(time.perf_counter() - t0, 3)}
+    if not world.is_root:  # the metrics are computed once, on rank 0
+        return EXIT_OK
     try:
         res = evaluate(model, schedule, pred, samples, rng, args.bpd_timesteps, args.batch_size)
     except ValueError as exc:
@@ -223,19 +235,25 @@ def load_mask(spec: str, n: int, image_shape: tuple) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(m.astype(np.float32), (n, 1, h, w)))
 
 
-def run_inpaint(model, schedule, x_known, mask, *, steps, jump_length, jump_n_sample, eta, rng, prediction_type,
-                batch_size, class_labels=None, guidance_scale=1.0, progress=False) -> np.ndarray:
-    """RePaint over batches of ``batch_size`` (one child Generator per batch, from ``rng``)."""
-    n = x_known.shape[0]
-    seeds = rng.integers(0, 2**63 - 1, size=(n + batch_size - 1) // batch_size)
-    outs = []
-    for bi, start in enumerate(range(0, n, batch_size)):
-        sl = slice(start, min(n, start + batch_size))
+def run_inpaint(model, schedule, x_known, mask, *, steps, jump_length, jump_n_sample, eta, seed, prediction_type,
+                batch_size, class_labels=None, guidance_scale=1.0, progress=False, world=SINGLE):
+    """RePaint over batches of ``batch_size``, sharded over the MPI ranks; the result on rank 0 (None elsewhere).
+
+    Image i's noise comes from ``(seed, i)`` (:class:`difnumpy._validation.SampleGenerators`): the same
+    bits for any batch size and any number of ranks.
+    """
+    a, b = shard(x_known.shape[0], world)
+    outs = [np.zeros((0,) + x_known.shape[1:], np.float32)]
+    for start in range(a, b, batch_size):
+        sl = slice(start, min(b, start + batch_size))
         cond = {} if class_labels is None else dict(class_labels=class_labels[sl], guidance_scale=guidance_scale)
         outs.append(inpaint(model, schedule, x_known[sl], mask[sl], num_steps=steps, jump_length=jump_length,
-                            jump_n_sample=jump_n_sample, eta=eta, rng=np.random.default_rng(int(seeds[bi])),
-                            prediction_type=prediction_type, progress=progress, **cond))
-    x = np.concatenate(outs)
+                            jump_n_sample=jump_n_sample, eta=eta, rng=SampleGenerators(seed, range(sl.start, sl.stop)),
+                            prediction_type=prediction_type, progress=progress and world.is_root,
+                            **cond).astype(np.float32))
+    x = world.gather_rows(np.concatenate(outs))
+    if x is None:
+        return None
     known = mask.astype(bool) if x.shape[1] == 1 else np.broadcast_to(mask, x.shape).astype(bool)
     if not np.array_equal(x[known], x_known[known]):  # RePaint keeps the known region exactly
         raise RuntimeError("inpainting changed the known region")
@@ -247,7 +265,7 @@ def masked_view(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(np.broadcast_to(mask, x.shape) == 1, x, 0.0).astype(np.float32)
 
 
-def cmd_inpaint(args) -> int:
+def cmd_inpaint(args, world=SINGLE) -> int:
     from difnumpy import viz  # matplotlib: only for the commands that draw
 
     model, schedule, md, used = load_for_sampling(args.checkpoint, args.weights, args.backend)
@@ -262,13 +280,16 @@ def cmd_inpaint(args) -> int:
     mask = load_mask(args.mask, n, image_shape)
     labels = resolve_class_labels(args.class_labels, n, md["num_classes"], args.checkpoint)
     w, _ = check_guidance_args(labels, args.guidance_scale, None)
-    out = prepare_out_dir(args.out)
+    out = prepare_out_dir(args.out) if world.is_root else args.out
+    world.end_setup()
     t0 = time.perf_counter()
     done = run_inpaint(model, schedule, x, mask, steps=args.steps, jump_length=args.jump_length,
-                       jump_n_sample=args.jump_n_sample, eta=args.eta, rng=np.random.default_rng(args.seed),
+                       jump_n_sample=args.jump_n_sample, eta=args.eta, seed=args.seed,
                        prediction_type=pred, batch_size=args.batch_size, class_labels=labels, guidance_scale=w,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, world=world)
     dt = time.perf_counter() - t0
+    if not world.is_root:
+        return EXIT_OK
     written = [save_npy(os.path.join(out, "inpainted.npy"), done.astype(np.float32)),
                save_npy(os.path.join(out, "originals.npy"), x),
                save_npy(os.path.join(out, "mask.npy"), mask)]

@@ -15,6 +15,7 @@ from difnumpy.cli._common import (DEMO_STEPS_CAP, EXIT_INTERRUPTED, EXIT_OK, INP
                                   INPAINT_STEPS, CLIError, choose_weights, class_scores,
                                   evaluate, fmt, format_table, named_mask, prepare_out_dir, save_json, save_npy)
 from difnumpy.cli.commands import masked_view, run_inpaint
+from difnumpy.distributed import SINGLE
 from difnumpy.data import DIGITS_NUM_CLASSES, load_digits
 from difnumpy.metrics import evaluate_samples
 from difnumpy.nn.unet import UNet
@@ -82,8 +83,11 @@ def _train_info(result, used, trainer) -> dict:
             "weights": used, "ema_decay": trainer.ema.decay}
 
 
-def cmd_demo(args) -> int:
-    """The plain demo, or the conditional one with ``--conditional``."""
+def cmd_demo(args, world=SINGLE) -> int:
+    """The plain demo, or the conditional one with ``--conditional`` (one process: not under mpiexec -n N > 1)."""
+    if world.size > 1:
+        raise CLIError(f"demo runs in one process (started here as {world.size} MPI ranks); run 'difnumpy demo' "
+                       f"without mpiexec, or use mpiexec with train, sample, evaluate or inpaint")
     given = [k for k in CONDITIONAL_ONLY if getattr(args, k) is not None]
     if args.conditional:
         return _cmd_demo_conditional(args)
@@ -272,7 +276,7 @@ def _cmd_demo_conditional(args) -> int:
     mask = np.ascontiguousarray(np.broadcast_to(named_mask("bottom", (1, 8, 8)), x_known.shape))
     t0 = time.perf_counter()
     done = run_inpaint(model, schedule, x_known, mask, steps=args.inpaint_steps, jump_length=args.jump_length,
-                       jump_n_sample=args.jump_n_sample, eta=1.0, rng=np.random.default_rng([args.seed, 30]),
+                       jump_n_sample=args.jump_n_sample, eta=1.0, seed=(args.seed, 30),
                        prediction_type=pred, batch_size=360)
     t_inpaint = time.perf_counter() - t0
     known = mask.astype(bool)
