@@ -423,3 +423,34 @@ def test_gpu_block_reduction_kernels_large_shapes():
     dout = rng.standard_normal((16, 64, 28, 28)).astype(np.float32)
     for a, r in zip(ck.conv2d_backward_weight(dout, x, w.shape, 1, 1), ref.conv2d_backward_weight(dout, x, w.shape, 1, 1)):
         np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.skipif(not ck.SIMULATOR, reason="the CUDA simulator's allocator (a real GPU has real shared memory)")
+def test_simulator_shared_arrays_are_one_array_per_block():
+    """The simulator's ``cuda.shared.array`` did an unlocked check-then-set: under load, threads of one block
+    got different "shared" arrays (measured: 4 of 20 rounds of 32 threads; kernels then read garbage, the
+    cause of rare cuda-vs-cpu mismatches). ``_runtime`` serialises it; every thread must get the one array."""
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+    assert rt.SIMULATOR_SHARED_LOCKED
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to hit the window if it is there
+    try:
+        for _ in range(40):
+            sh = kernelapi.FakeCUDAShared(0)
+            start, got = threading.Barrier(32), []
+
+            def work():
+                start.wait()
+                got.append(id(sh.array(4, np.float32)))
+                got.append(id(sh.array(2, np.float64)))  # a second call site: its own array
+
+            threads = [threading.Thread(target=work) for _ in range(32)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(set(got)) == 2, "threads of one block got different shared arrays"
+    finally:
+        sys.setswitchinterval(old)
