@@ -288,6 +288,58 @@ def test_inpaint_bad_masks_and_images(rng):
     assert not np.array_equal(out[..., 4:, :], x[..., 4:, :])
 
 
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("labels,w", [(None, 1.0), ([0, 2], 1.0), ([0, 2], 2.5)])
+def test_reconstruction_guidance_gradient_is_the_finite_difference(rng, pred, labels, w):
+    """Ho et al. 2022 Sec. 3.1: grad = d/dx_t ||m (x_known - x0_hat(x_t))||^2 through the (guided) network, and the
+    output's x0_hat is moved by -(w_r sqrt(abar) / 2) (1 - m) grad in the unknown region only."""
+    from difnumpy.samplers.inpaint import _x0_coefficients, reconstruction_guided_output
+    model = _random_conditional(rng)
+    x = rng.standard_normal((2, 1, 8, 8))
+    known = rng.uniform(-1, 1, x.shape)
+    mask = np.zeros_like(x)
+    mask[..., :4, :] = 1
+    t, w_r = 300, 3.0
+    c_x, c_o = _x0_coefficients(pred, float(LIN.alphas_cumprod[t]))
+    y = None if labels is None else np.array(labels)
+
+    def loss(xt):
+        if y is not None and w != 1.0:
+            out = model(xt, np.full(2, t), class_labels=np.full(2, 3))
+            out = out + w * (model(xt, np.full(2, t), class_labels=y) - out)
+        else:
+            out = model(xt, np.full(2, t), class_labels=y)
+        return float(np.sum((mask * (known - (c_x * xt + c_o * out))) ** 2))
+
+    out, info = reconstruction_guided_output(model, LIN, x, t, known, mask, w_r, prediction_type=pred,
+                                             class_labels=y, guidance_scale=w)
+    idx = [(0, 0, 1, 2), (0, 0, 6, 5), (1, 0, 3, 0), (1, 0, 7, 7), (1, 0, 5, 1)]  # known and unknown pixels
+    num = eval_numerical_gradient_at(loss, x.copy(), idx)
+    assert rel_error(np.array([info["grad"][i] for i in idx]), num) < 1e-6
+    x0_out = c_x * x + c_o * out
+    want = info["x0_hat"] - (w_r * np.sqrt(LIN.alphas_cumprod[t]) / 2) * (1 - mask) * info["grad"]
+    np.testing.assert_allclose(x0_out, want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(x0_out[..., :4, :], info["x0_hat"][..., :4, :], rtol=1e-12, atol=1e-12)
+    assert np.abs(x0_out - info["x0_hat"])[..., 4:, :].max() > 1e-3  # the unknown region moved
+
+
+def test_inpaint_with_reconstruction_guidance(rng):
+    x = rng.uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32)
+    model = _random_conditional(rng, dtype=np.float32)  # random weights: a fresh UNet's output layer is zero
+    mask = np.zeros((1, 1, 8, 8), np.float32)
+    mask[..., :4, :] = 1
+    kw = dict(num_steps=4, jump_length=2, jump_n_sample=2)
+    plain = inpaint(model, LIN, x, mask, rng=0, **kw)
+    np.testing.assert_array_equal(inpaint(model, LIN, x, mask, rng=0, reconstruction_guidance=0.0, **kw), plain)
+    guided = inpaint(model, LIN, x, mask, rng=0, reconstruction_guidance=4.0, **kw)
+    np.testing.assert_array_equal(guided[..., :4, :], x[..., :4, :])  # the known half exact
+    assert np.abs(guided - plain)[..., 4:, :].max() > 1e-3
+    with pytest.raises(ValueError, match="reconstruction_guidance must be a finite number >= 0"):
+        inpaint(model, LIN, x, mask, rng=0, reconstruction_guidance=-1.0, **kw)
+    with pytest.raises(TypeError, match="needs a difnumpy UNet"):
+        inpaint(lambda xt, t: np.zeros_like(xt), LIN, x, mask, rng=0, reconstruction_guidance=1.0, **kw)
+
+
 # --------------------------------------------------------------------------------------- image-to-image
 
 

@@ -199,7 +199,8 @@ def test_conditional_unet_and_guided_sampling_agree_with_cpu():
     assert losses[2:] == pytest.approx(losses[:2], rel=1e-5)
 
 
-def test_inpainting_agrees_with_cpu():
+@pytest.mark.parametrize("w_r", [0.0, 3.0])
+def test_inpainting_agrees_with_cpu(w_r):
     from difnumpy.samplers import inpaint
     cpu, gpu = _cond_pair()
     x = np.random.default_rng(3).standard_normal((2, 1, 4, 4)).astype(np.float32)
@@ -207,7 +208,7 @@ def test_inpainting_agrees_with_cpu():
     sched = Schedule.from_name("linear", 40)
     mask = np.zeros((1, 1, 4, 4), np.float32)
     mask[..., :2, :] = 1
-    kw = dict(num_steps=4, jump_length=2, jump_n_sample=2, class_labels=y, guidance_scale=2.0)
+    kw = dict(num_steps=4, jump_length=2, jump_n_sample=2, class_labels=y, guidance_scale=2.0, reconstruction_guidance=w_r)
     a = inpaint(cpu, sched, x, mask, rng=np.random.default_rng(4), **kw)
     b = inpaint(gpu, sched, x, mask, rng=np.random.default_rng(4), **kw)
     np.testing.assert_array_equal(b[..., :2, :], x[..., :2, :])  # the known half exact

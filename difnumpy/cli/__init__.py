@@ -22,9 +22,10 @@ from difnumpy._validation import PREDICTION_TYPES
 from difnumpy.cli._common import (DEMO_STEPS_CAP, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE,
                                   KARRAS_METHODS, MASK_NAMES, CLIError, Parser, choose_weights, class_labels_arg,
                                   int_list, nonneg_float, nonneg_int, positive_float, positive_int, unit_float)
-from difnumpy.cli._common import INPAINT_JUMP_LENGTH, INPAINT_JUMP_N_SAMPLE, INPAINT_STEPS
+from difnumpy.cli._common import INPAINT_JUMP_LENGTH, INPAINT_JUMP_N_SAMPLE, INPAINT_RECONSTRUCTION_GUIDANCE, INPAINT_STEPS
 from difnumpy.cli.commands import cmd_evaluate, cmd_inpaint, cmd_sample, cmd_train
 from difnumpy.cli.demo import (COND_GUIDANCE_SCALE, COND_JUMP_LENGTH, COND_JUMP_N_SAMPLE, COND_LABEL_DROPOUT,
+                               COND_RECONSTRUCTION_GUIDANCE,
                                COND_N_INPAINT, COND_INPAINT_STEPS, COND_TOTAL_MINUTES, DEMO_MINUTES, cmd_demo)
 from difnumpy.distributed import SINGLE, PeerFailure, configure_threads, get_world
 from difnumpy.kernels import BACKENDS
@@ -154,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"RePaint: steps of each resampling jump (default {INPAINT_JUMP_LENGTH})")
     i.add_argument("--jump-n-sample", dest="jump_n_sample", type=positive_int, default=INPAINT_JUMP_N_SAMPLE,
                    help=f"RePaint: times each stretch is run (default {INPAINT_JUMP_N_SAMPLE}; 1: no resampling)")
+    i.add_argument("--reconstruction-guidance", dest="reconstruction_guidance", type=nonneg_float,
+                   default=INPAINT_RECONSTRUCTION_GUIDANCE,
+                   help=f"w_r of reconstruction guidance (Ho et al. 2022, Sec. 3.1): the generated region is pulled "
+                        f"towards agreeing with the known one through the network's gradient (default "
+                        f"{INPAINT_RECONSTRUCTION_GUIDANCE:g}; 0: plain RePaint, a third of the cost)")
     i.add_argument("--eta", type=unit_float, default=1.0,
                    help="eta of the generated region's DDIM step (default 1: the ancestral step of the paper)")
     i.add_argument("--seed", type=nonneg_int, default=0, help="default 0")
@@ -203,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"--conditional: RePaint jump length (default {COND_JUMP_LENGTH})")
     m.add_argument("--jump-n-sample", dest="jump_n_sample", type=positive_int, default=None,
                    help=f"--conditional: RePaint resamplings (default {COND_JUMP_N_SAMPLE})")
+    m.add_argument("--reconstruction-guidance", dest="reconstruction_guidance", type=nonneg_float, default=None,
+                   help=f"--conditional: inpainting's reconstruction guidance w_r (default "
+                        f"{COND_RECONSTRUCTION_GUIDANCE:g}; 0: plain RePaint)")
     m.add_argument("--backend", choices=BACKENDS, default=d.backend)
     m.add_argument("--device", dest="backend", choices=("cpu", "cuda"), help="same as --backend, cpu or cuda")
     m.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")

@@ -34,8 +34,8 @@ KARRAS_METHODS = tuple(m for m in METHODS if m in solvers.OPTIONS and "use_karra
 #: The named inpainting masks: the region named is generated, the rest of the image is kept.
 MASK_NAMES = ("top", "bottom", "left", "right", "center")
 #: RePaint's settings for ``difnumpy inpaint`` and ``demo --conditional``: steps of one descent, jump length,
-#: times each stretch is run (measured: README, "Conditional generation").
-INPAINT_STEPS, INPAINT_JUMP_LENGTH, INPAINT_JUMP_N_SAMPLE = 50, 10, 10
+#: times each stretch is run, reconstruction guidance w_r (measured: README, "Conditional generation").
+INPAINT_STEPS, INPAINT_JUMP_LENGTH, INPAINT_JUMP_N_SAMPLE, INPAINT_RECONSTRUCTION_GUIDANCE = 50, 10, 5, 4.0
 
 
 class CLIError(Exception):

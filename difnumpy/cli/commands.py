@@ -236,7 +236,8 @@ def load_mask(spec: str, n: int, image_shape: tuple) -> np.ndarray:
 
 
 def run_inpaint(model, schedule, x_known, mask, *, steps, jump_length, jump_n_sample, eta, seed, prediction_type,
-                batch_size, class_labels=None, guidance_scale=1.0, progress=False, world=SINGLE):
+                batch_size, class_labels=None, guidance_scale=1.0, reconstruction_guidance=0.0, progress=False,
+                world=SINGLE):
     """RePaint over batches of ``batch_size``, sharded over the MPI ranks; the result on rank 0 (None elsewhere).
 
     Image i's noise comes from ``(seed, i)`` (:class:`difnumpy._validation.SampleGenerators`): the same
@@ -249,8 +250,8 @@ def run_inpaint(model, schedule, x_known, mask, *, steps, jump_length, jump_n_sa
         cond = {} if class_labels is None else dict(class_labels=class_labels[sl], guidance_scale=guidance_scale)
         outs.append(inpaint(model, schedule, x_known[sl], mask[sl], num_steps=steps, jump_length=jump_length,
                             jump_n_sample=jump_n_sample, eta=eta, rng=SampleGenerators(seed, range(sl.start, sl.stop)),
-                            prediction_type=prediction_type, progress=progress and world.is_root,
-                            **cond).astype(np.float32))
+                            prediction_type=prediction_type, reconstruction_guidance=reconstruction_guidance,
+                            progress=progress and world.is_root, **cond).astype(np.float32))
     x = world.gather_rows(np.concatenate(outs))
     if x is None:
         return None
@@ -285,6 +286,7 @@ def cmd_inpaint(args, world=SINGLE) -> int:
     t0 = time.perf_counter()
     done = run_inpaint(model, schedule, x, mask, steps=args.steps, jump_length=args.jump_length,
                        jump_n_sample=args.jump_n_sample, eta=args.eta, seed=args.seed,
+                       reconstruction_guidance=args.reconstruction_guidance,
                        prediction_type=pred, batch_size=args.batch_size, class_labels=labels, guidance_scale=w,
                        progress=not args.no_progress, world=world)
     dt = time.perf_counter() - t0
@@ -301,7 +303,8 @@ def cmd_inpaint(args, world=SINGLE) -> int:
     written.append(viz.labelled_rows([x[:k], masked_view(x[:k], mask[:k]), done[:k]],
                                      ["original", "masked", "completed"], os.path.join(out, "inpainting.png"),
                                      title=f"RePaint, {args.steps} steps, jumps {args.jump_length} x "
-                                           f"{args.jump_n_sample}, --mask {os.path.basename(args.mask)}"))
+                                           f"{args.jump_n_sample}, reconstruction guidance "
+                                           f"{args.reconstruction_guidance:g}, --mask {os.path.basename(args.mask)}"))
     msg = f"{n} images inpainted ({used} weights) in {dt:.1f} s; the known region is exact"
     if true_labels is not None:
         agree = class_scores(done, true_labels)["accuracy"]

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from difnumpy.cli._common import (DEMO_STEPS_CAP, EXIT_INTERRUPTED, EXIT_OK, INPAINT_JUMP_LENGTH, INPAINT_JUMP_N_SAMPLE,
+                                  INPAINT_RECONSTRUCTION_GUIDANCE,
                                   INPAINT_STEPS, CLIError, choose_weights, class_scores,
                                   evaluate, fmt, format_table, named_mask, prepare_out_dir, save_json, save_npy)
 from difnumpy.cli.commands import masked_view, run_inpaint
@@ -37,11 +38,15 @@ COND_GUIDANCE_SCALE = 2.0
 COND_SWEEP = (0.0, 1.0, 2.0, 4.0, 8.0)
 COND_N_INPAINT = 360
 COND_INPAINT_STEPS, COND_JUMP_LENGTH, COND_JUMP_N_SAMPLE = INPAINT_STEPS, INPAINT_JUMP_LENGTH, INPAINT_JUMP_N_SAMPLE
+COND_RECONSTRUCTION_GUIDANCE = INPAINT_RECONSTRUCTION_GUIDANCE
+#: Cost of a reconstruction-guided network call (forward and backward) in forward passes (measured: ~3.2).
+_GUIDED_CALL_COST = 3.2
 #: The figures' sizes: samples per class in class_grid.png, columns of guidance_sweep.png.
 _GRID_COLS, _SWEEP_COLS = 10, 20
 
 #: Flags of ``demo --conditional`` only (None when not given).
-CONDITIONAL_ONLY = ("label_dropout", "guidance_scale", "n_inpaint", "inpaint_steps", "jump_length", "jump_n_sample")
+CONDITIONAL_ONLY = ("label_dropout", "guidance_scale", "n_inpaint", "inpaint_steps", "jump_length", "jump_n_sample",
+                    "reconstruction_guidance")
 
 
 def _train(args, conditional: bool, log):
@@ -202,7 +207,7 @@ def _network_images(args, scales) -> int:
     sweep = sum(args.n_eval * args.ddim_steps * (1 if w == 1.0 else 2) for w in scales)
     ts = repaint_timesteps(args.timesteps, args.inpaint_steps, args.jump_length, args.jump_n_sample)
     calls = int(np.sum(np.diff(np.concatenate([[ts[0] + args.timesteps // args.inpaint_steps], ts])) < 0))
-    return sweep + args.n_inpaint * calls
+    return sweep + args.n_inpaint * calls * (_GUIDED_CALL_COST if args.reconstruction_guidance > 0 else 1)
 
 
 def _seconds_per_image(args) -> float:
@@ -228,7 +233,7 @@ def _cmd_demo_conditional(args) -> int:
     for k, v in (("label_dropout", COND_LABEL_DROPOUT),
                  ("guidance_scale", COND_GUIDANCE_SCALE), ("n_inpaint", COND_N_INPAINT),
                  ("inpaint_steps", COND_INPAINT_STEPS), ("jump_length", COND_JUMP_LENGTH),
-                 ("jump_n_sample", COND_JUMP_N_SAMPLE)):
+                 ("jump_n_sample", COND_JUMP_N_SAMPLE), ("reconstruction_guidance", COND_RECONSTRUCTION_GUIDANCE)):
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.n_eval < DIGITS_NUM_CLASSES:
@@ -270,13 +275,15 @@ def _cmd_demo_conditional(args) -> int:
     save_npy(os.path.join(out, "labels.npy"), labels)
 
     log(f"[4/5] inpainting: {args.n_inpaint} test digits, bottom half generated (RePaint, {args.inpaint_steps} steps, "
-        f"jumps {args.jump_length} x {args.jump_n_sample}, no class label) ...")
+        f"jumps {args.jump_length} x {args.jump_n_sample}, reconstruction guidance {args.reconstruction_guidance:g}, "
+        f"no class label) ...")
     x_test, y_test = load_digits("test", return_labels=True)
     x_known, y_known = x_test[:args.n_inpaint], y_test[:args.n_inpaint]
     mask = np.ascontiguousarray(np.broadcast_to(named_mask("bottom", (1, 8, 8)), x_known.shape))
     t0 = time.perf_counter()
     done = run_inpaint(model, schedule, x_known, mask, steps=args.inpaint_steps, jump_length=args.jump_length,
                        jump_n_sample=args.jump_n_sample, eta=1.0, seed=(args.seed, 30),
+                       reconstruction_guidance=args.reconstruction_guidance,
                        prediction_type=pred, batch_size=360)
     t_inpaint = time.perf_counter() - t0
     known = mask.astype(bool)
@@ -296,7 +303,8 @@ def _cmd_demo_conditional(args) -> int:
     k = min(16, args.n_inpaint)
     viz.labelled_rows([x_known[:k], masked_view(x_known[:k], mask[:k]), done[:k]],
                       ["test digit", "bottom masked", "completed"], os.path.join(out, "inpainting.png"),
-                      title=f"RePaint, {args.inpaint_steps} steps, jumps {args.jump_length} x {args.jump_n_sample}")
+                      title=f"RePaint, {args.inpaint_steps} steps, jumps {args.jump_length} x {args.jump_n_sample}, "
+                            f"reconstruction guidance {args.reconstruction_guidance:g}")
 
     total = time.perf_counter() - t_all
     res = {
@@ -308,6 +316,7 @@ def _cmd_demo_conditional(args) -> int:
                        "per_class_agreement": inp["per_class_accuracy"], "known_region_exact": known_exact,
                        "classifier_accuracy_on_originals": orig["accuracy"], "num_steps": args.inpaint_steps,
                        "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample, "eta": 1.0,
+                       "reconstruction_guidance": args.reconstruction_guidance,
                        "class_labels": None, "seconds": round(t_inpaint, 1)},
         "label_dropout": args.label_dropout, "train_budget_minutes": args.minutes,
         "predicted_sampling_seconds": None if predicted_s is None else round(predicted_s, 1),

@@ -1,8 +1,15 @@
-"""Inpainting with RePaint (Lugmayr et al. 2022, arXiv 2201.09865).
+"""Inpainting with RePaint (Lugmayr et al. 2022, arXiv 2201.09865), optionally reconstruction-guided.
 
 At each reverse step the unknown region comes from the model's step and the known region from the
 forward process applied to the known image (eq. 8); resampling jumps go back up the chain
 ``jump_n_sample - 1`` times every ``jump_length`` steps, so that the two regions harmonise (Sec. 4.2).
+
+Reconstruction guidance (Ho et al. 2022, "Video Diffusion Models", arXiv 2204.03458, Sec. 3.1) adds the
+known region's information to the unknown region's prediction itself: with ``x0_hat(x_t)`` the model's
+prediction of the clean image, the unknown part becomes
+``x0_hat^b - (w_r sqrt(abar_t) / 2) grad_{x_t^b} ||x^a - x0_hat^a(x_t)||^2`` (a: known, b: unknown), the
+gradient taken through the network (:meth:`difnumpy.nn.unet.UNet.backward`). It approximates
+``E[x^b | x_t, x^a]``; ``w_r > 1`` strengthens it, as the paper recommends.
 """
 from __future__ import annotations
 
@@ -70,10 +77,80 @@ def _abar(schedule: Schedule, level: int) -> float:
     return 1.0 if level < 0 else float(schedule.alphas_cumprod[level])
 
 
+def _x0_coefficients(prediction_type: str, abar: float) -> tuple[float, float]:
+    """``(c_x, c_o)`` with ``x0_hat = c_x x_t + c_o output`` (DDPM eq. 15 for epsilon; v: Salimans & Ho 2022)."""
+    if prediction_type == "epsilon":
+        return 1.0 / np.sqrt(abar), -np.sqrt(1.0 - abar) / np.sqrt(abar)
+    if prediction_type == "v_prediction":
+        return np.sqrt(abar), -np.sqrt(1.0 - abar)
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    raise ValueError(f"prediction_type must be one of ('epsilon', 'sample', 'v_prediction'), got {prediction_type!r}")
+
+
+def reconstruction_guided_output(model, schedule: Schedule, x_t: np.ndarray, t: int, x_known: np.ndarray,
+                                 mask: np.ndarray, weight: float, *, prediction_type: str = "epsilon",
+                                 class_labels=None, guidance_scale: float = 1.0) -> tuple[np.ndarray, dict]:
+    """The model output at ``(x_t, t)`` with reconstruction guidance (Ho et al. 2022, Sec. 3.1).
+
+    Parameters
+    ----------
+    model : a :class:`difnumpy.nn.unet.UNet` (anything with its ``forward`` / ``backward`` methods)
+    schedule : Schedule
+    x_t : ndarray (N, C, H, W), float (host)
+    t : int, the timestep of ``x_t``
+    x_known, mask : ndarrays of ``x_t``'s shape; ``mask`` 1 where known
+    weight : float >= 0, w_r
+    prediction_type : the model's parameterisation; the output is returned in it
+    class_labels, guidance_scale : as in :func:`difnumpy.samplers.sample` (the guided output
+        ``out_u + w (out_c - out_u)`` is what is differentiated: one forward and one backward of batch 2N)
+
+    Returns
+    -------
+    output : ndarray, shape and dtype of ``x_t``: the output whose ``x0_hat`` is
+        ``x0_hat - (w_r sqrt(abar_t) / 2) (1 - mask) * grad``, ``grad = d/dx_t ||mask (x_known - x0_hat)||^2``
+    info : dict with ``x0_hat`` (float64) and ``grad`` (float64), for tests and diagnostics
+    """
+    if not (callable(getattr(model, "forward", None)) and callable(getattr(model, "backward", None))):
+        raise TypeError(f"reconstruction guidance differentiates the model: it needs a difnumpy UNet (forward and "
+                        f"backward), got {type(model).__name__}")
+    x = np.asarray(x_t)
+    n = x.shape[0]
+    tt = np.full(n, int(t), dtype=np.int64)
+    w = float(guidance_scale)
+    if class_labels is not None and w != 1.0:  # one pass of 2N: [conditional, unconditional]
+        labels = np.concatenate([np.asarray(class_labels, np.int64), np.full(n, model.num_classes, np.int64)])
+        out2, cache = model.forward(np.concatenate([x, x]), np.concatenate([tt, tt]), class_labels=labels)
+        out2 = np.asarray(out2, np.float64)
+        out = out2[n:] + w * (out2[:n] - out2[n:])
+    else:
+        out, cache = model.forward(x, tt, class_labels=class_labels)
+        out = np.asarray(out, np.float64)
+    if out.shape != x.shape:
+        raise ValueError(f"reconstruction guidance needs an output of x_t's shape {x.shape}, got {out.shape} "
+                         f"(a learned variance is not supported)")
+    abar = _abar(schedule, int(t))
+    c_x, c_o = _x0_coefficients(prediction_type, abar)
+    x64, m = x.astype(np.float64), np.asarray(mask, np.float64)
+    x0 = c_x * x64 + c_o * out
+    v = 2.0 * m * (x0 - np.asarray(x_known, np.float64))  # d/dx0 of ||m (x_known - x0)||^2
+    u = (c_o * v).astype(x.dtype)  # the vector of the vector-Jacobian product through the network
+    if class_labels is not None and w != 1.0:  # d(out_u + w (out_c - out_u)) = w d out_c + (1 - w) d out_u
+        _, dx2 = model.backward(np.concatenate([w * u, (1.0 - w) * u]), cache, return_input_grad=True)
+        jtu = np.asarray(dx2[:n], np.float64) + np.asarray(dx2[n:], np.float64)
+    else:
+        _, jtu = model.backward(u, cache, return_input_grad=True)
+        jtu = np.asarray(jtu, np.float64)
+    grad = c_x * v + jtu
+    x0_adj = x0 - (float(weight) * np.sqrt(abar) / 2.0) * (1.0 - m) * grad
+    adj = (x0_adj - c_x * x64) / c_o
+    return adj.astype(x.dtype), {"x0_hat": x0, "grad": grad}
+
+
 def inpaint(model: Callable, schedule: Schedule, x_known: np.ndarray, mask, *, num_steps: int,
             jump_length: int = 10, jump_n_sample: int = 10, rng=None, class_labels=None,
-            guidance_scale: float = 1.0, eta: float = 1.0, backend: str | None = None, progress: bool = False,
-            **step_kw) -> np.ndarray:
+            guidance_scale: float = 1.0, eta: float = 1.0, reconstruction_guidance: float = 0.0,
+            backend: str | None = None, progress: bool = False, **step_kw) -> np.ndarray:
     """Fill in the unknown region of ``x_known`` (where ``mask == 0``) with RePaint.
 
     Parameters
@@ -93,6 +170,12 @@ def inpaint(model: Callable, schedule: Schedule, x_known: np.ndarray, mask, *, n
     eta : float >= 0, default 1.0
         The unknown region's step is DDIM's (eq. 12) with this eta; 1 is the ancestral DDPM step the
         paper uses (Algorithm 1).
+    reconstruction_guidance : float >= 0, default 0.0
+        w_r of Ho et al. 2022, Sec. 3.1 (:func:`reconstruction_guided_output`): the unknown region's
+        prediction is pulled towards consistency with the known region through the network's gradient
+        (one forward and one backward per step instead of one forward; needs a difnumpy UNet). 0 is plain
+        RePaint. With RePaint's resampling it completes digits into the right digit far more often
+        (README, "Conditional generation").
     backend : {"numpy", "cpu", "cuda"} or None (the model's)
     **step_kw : prediction_type, clip_sample, clip_range (passed to :func:`ddim_step`)
 
@@ -136,6 +219,22 @@ def inpaint(model: Callable, schedule: Schedule, x_known: np.ndarray, mask, *, n
     known = kern.asarray(x_known)
     mask_n = kern.asarray(np.ascontiguousarray(m, dtype=dt))
     model_fn = make_model_fn(model, backend, class_labels, guidance_scale, 0.0, n)
+    w_r = float(reconstruction_guidance)
+    if not np.isfinite(w_r) or w_r < 0:
+        raise ValueError(f"reconstruction_guidance must be a finite number >= 0, got {reconstruction_guidance!r}")
+    if w_r > 0:
+        pred = step_kw.get("prediction_type", "epsilon")
+        _x0_coefficients(pred, 0.5)  # a clear error for a bad prediction_type before any work
+        known_h, mask_h = np.ascontiguousarray(x_known), np.ascontiguousarray(m, dtype=dt)
+        if not (callable(getattr(model, "forward", None)) and callable(getattr(model, "backward", None))):
+            raise TypeError(f"reconstruction_guidance needs a difnumpy UNet (it differentiates the model), got "
+                            f"{type(model).__name__}")
+
+        def model_fn(x, tt, _plain=model_fn):  # noqa: F811 - the guided output replaces the plain one
+            out, _ = reconstruction_guided_output(model, schedule, kern.to_host(x), int(tt[0]), known_h, mask_h, w_r,
+                                                  prediction_type=pred, class_labels=class_labels,
+                                                  guidance_scale=guidance_scale)
+            return kern.asarray(out)
 
     def noise():
         return kern.asarray(rng.standard_normal(shape, dtype=dt))
