@@ -1,10 +1,12 @@
 """Training-step and sampling throughput of the default U-Net: NumPy vs numba vs PyTorch (CPU).
 
 Question: how many images/s does one training step (forward + MSE + backward + Adam) of the default
-U-Net (base 32, mults (1, 2), 410,721 params) process at batch 128 on 8x8 and 28x28 inputs, for
+U-Net (base 32, mults (1, 2), 410,721 params) process at batch 1, 16 and 128 on 8x8 and 28x28 inputs, for
 ``backend="numpy"`` (reference twins), ``backend="cpu"`` (numba kernels) and the same architecture in
 PyTorch on the CPU (when torch is importable)? Also forward-only (sampling) images/s, and conv2d
-GFLOP/s (forward, backward) beside np.matmul SGEMM GFLOP/s measured in the same run.
+GFLOP/s (forward, backward) beside np.matmul SGEMM GFLOP/s measured in the same run. The training step's
+GFLOP/s is given as a fraction of that SGEMM rate ("% matmul"), its FLOPs counted as PyTorch's FLOP counter
+counts them (``torch.utils.flop_counter``, the direct convolution: Winograd's saving is ours to keep).
 
 How it measures: every contender (a backend's train step, its forward pass; a conv kernel) is called once
 untimed (compilation), then all of them are warmed *interleaved* until each one's step time is stable (at
@@ -14,7 +16,8 @@ printed beside both sides' absolute images/s; a contender that did not settle wi
 flagged "NOT stable". (An earlier version warmed each side with one call: PyTorch, which needs a few steps
 to settle, was timed cold, and 28x28 training read 1.6x PyTorch instead of about 1.1x.)
 
-Usage: ``python benchmarks/bench_train.py [--threads N] [--repeats R] [--quick | --smoke] [--json OUT]``
+Usage: ``python benchmarks/bench_train.py [--threads N] [--repeats R] [--batches 1,16,128] [--quick | --smoke]
+[--json OUT]``
 """
 from __future__ import annotations
 
@@ -149,13 +152,38 @@ PHASES = ("train", "forward")
 WARMUP = {"min_steps": 5, "block": 3, "rtol": 0.05, "max_steps": 60, "max_seconds": 300.0}
 
 
-def bench_model(sizes, batch, repeats, backends, warmup=None):
+def train_flops_per_image(hw: int):
+    """FLOPs of one training step (forward + backward) per image, as PyTorch's FLOP counter counts them
+    (convolutions, matmuls; the direct convolution's 2 N F C K^2 Ho Wo), or None without torch."""
+    if torch is None:
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+    model = TorchUNet()
+    x, t = torch.zeros(4, 1, hw, hw), torch.zeros(4, dtype=torch.int64)
+    with FlopCounterMode(display=False) as fc:
+        model(x, t).square().mean().backward()
+    return fc.get_total_flops() / 4
+
+
+def measure_sgemm(repeats, warmup=None):
+    """np.matmul float32 GFLOP/s at 1024^3 (this process, these threads): the machine's matmul rate."""
+    warmup = dict(WARMUP if warmup is None else warmup)
+    a = np.random.default_rng(1).standard_normal((1024, 1024)).astype(np.float32)
+    o = np.empty_like(a)
+    sg = {"sgemm": lambda: np.matmul(a, a, out=o)}
+    warm_until_stable(sg, **warmup)
+    return 2 * 1024 ** 3 / float(np.median(time_interleaved(sg, repeats)["sgemm"])) / 1e9
+
+
+def bench_model(sizes, batch, repeats, backends, warmup=None, sgemm=None):
     """Images/s of a train step and a forward pass per backend and size, contenders warmed until stable and
-    timed interleaved. Returns one row per (size, phase) with each backend's img/s, the ratios, warm-up info."""
+    timed interleaved. Returns one row per (size, phase) with each backend's img/s, the ratios, warm-up info,
+    and (train, with torch and ``sgemm`` GFLOP/s given) each side's share of the matmul rate."""
     warmup = dict(WARMUP if warmup is None else warmup)
     rows = []
     rng = np.random.default_rng(0)
     for hw in sizes:
+        flops = train_flops_per_image(hw) if sgemm else None
         x = rng.standard_normal((batch, 1, hw, hw)).astype(np.float32)
         noise = rng.standard_normal(x.shape).astype(np.float32)
         t = rng.integers(0, 1000, size=batch).astype(np.int64)
@@ -169,15 +197,19 @@ def bench_model(sizes, batch, repeats, backends, warmup=None):
         print(f"  {hw}x{hw} {warmup_note(warm)}", flush=True)
         times = time_interleaved(fns, reps)
         for phase in PHASES:
-            row = {"size": f"{hw}x{hw}", "phase": phase}
+            row = {"size": f"{hw}x{hw}", "batch": batch, "phase": phase}
             for name in backends:
                 row[name] = batch / float(np.median(times[f"{name} {phase}"]))
                 w = warm[f"{name} {phase}"]
                 row[f"{name}_warmup_steps"], row[f"{name}_stable"] = w["steps"], w["stable"]
+                if flops and phase == "train" and name != "numpy":
+                    row[f"{name}_%matmul"] = 100.0 * row[name] * flops / 1e9 / sgemm
             if "torch" in backends and "cpu" in backends:
                 row["cpu/torch"] = row["cpu"] / row["torch"]
-                print(f"  {hw}x{hw} {phase:7s} numba {row['cpu']:8.1f} img/s  torch {row['torch']:8.1f} img/s"
-                      f"  -> numba/torch {row['cpu/torch']:.2f}", flush=True)
+                pct = (f"  ({row['cpu_%matmul']:.0f} % / {row['torch_%matmul']:.0f} % of the matmul rate)"
+                       if "cpu_%matmul" in row else "")
+                print(f"  {hw}x{hw} b{batch:<4d} {phase:7s} numba {row['cpu']:8.1f} img/s  torch {row['torch']:8.1f} "
+                      f"img/s  -> numba/torch {row['cpu/torch']:.2f}{pct}", flush=True)
             if "numpy" in backends and "cpu" in backends:
                 row["cpu/numpy"] = row["cpu"] / row["numpy"]
                 print(f"  {hw}x{hw} {phase:7s} numba {row['cpu']:8.1f} img/s  numpy {row['numpy']:8.1f} img/s"
@@ -200,11 +232,7 @@ def bench_conv(repeats, use_torch, layers=None, warmup=None):
     from difnumpy.kernels import cpu
     warmup = dict(WARMUP if warmup is None else warmup)
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((1024, 1024)).astype(np.float32)
-    o = np.empty_like(a)
-    sg = {"sgemm": lambda: np.matmul(a, a, out=o)}
-    warm_until_stable(sg, **warmup)
-    sgemm = 2 * 1024 ** 3 / float(np.median(time_interleaved(sg, repeats)["sgemm"])) / 1e9
+    sgemm = measure_sgemm(repeats, warmup)
     rows = []
     for (N, C, H, F, K, s, p) in (CONV_LAYERS if layers is None else layers):
         x = rng.standard_normal((N, C, H, H)).astype(np.float32)
@@ -245,7 +273,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="BLAS, numba and torch threads (default 2)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batches", default="1,16,128", help="comma-separated batch sizes (default 1,16,128)")
+    ap.add_argument("--batch", type=int, default=None, help="one batch size (same as --batches B)")
     ap.add_argument("--quick", action="store_true", help="8x8 only, 1 repeat, no NumPy path")
     ap.add_argument("--smoke", action="store_true",
                     help="tiniest settings (tests only): batch 4, 8x8, one small conv layer, short warm-up budget")
@@ -258,7 +287,9 @@ def main(argv=None):
     threads = set_threads(args.threads)
     repeats = 1 if (args.quick or args.smoke) else args.repeats
     sizes = (8,) if (args.quick or args.smoke) else (8, 28)
-    batch = 4 if args.smoke and args.batch == 128 else args.batch
+    batches = [args.batch] if args.batch else [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.smoke and not args.batch:
+        batches = [4]
     warmup = dict(WARMUP)
     if args.quick:
         warmup["max_seconds"] = 60.0
@@ -276,11 +307,15 @@ def main(argv=None):
     print(f"# warm-up: every contender until stable (>= {warmup['min_steps']} steps, two successive "
           f"{warmup['block']}-step medians within {warmup['rtol']:.0%}), interleaved; then {repeats} interleaved "
           f"timed round(s)")
-    rows = bench_model(sizes, batch, repeats, backends, warmup)
-    heads = ["size", "phase", "cpu"] + (["torch", "cpu/torch"] if use_torch else []) \
+    sgemm = measure_sgemm(repeats, warmup)
+    print(f"# np.matmul float32 1024^3: {sgemm:.1f} GFLOP/s (the matmul rate of '% matmul')")
+    rows = [r for b in batches for r in bench_model(sizes, b, repeats, backends, warmup, sgemm)]
+    heads = ["size", "batch", "phase", "cpu"] + (["torch", "cpu/torch", "cpu_%matmul", "torch_%matmul"]
+                                                 if use_torch else []) \
         + (["numpy", "cpu/numpy"] if "numpy" in backends else []) \
         + [f"{b}_warmup_steps" for b in backends] + [f"{b}_stable" for b in backends]
-    print(f"\nimages/s, batch {batch} (train = forward + MSE + backward + Adam); cpu = numba kernels")
+    print(f"\nimages/s (train = forward + MSE + backward + Adam); cpu = numba kernels; % matmul = the training step's "
+          f"GFLOP/s (PyTorch's FLOP count) / np.matmul's {sgemm:.0f} GFLOP/s")
     print_table([[r.get(h) for h in heads] for r in rows], heads)
     conv = bench_conv(repeats, use_torch, [(4, 32, 8, 32, 3, 1, 1)] if args.smoke else None, warmup)
     cheads = ["layer", "numba_fwd", "numba_bwd"] \
@@ -289,8 +324,8 @@ def main(argv=None):
     print("\nconv2d GFLOP/s (batch 128, float32) beside np.matmul SGEMM 1024^3 GFLOP/s")
     print_table([[r.get(h) for h in cheads] for r in conv], cheads)
     if args.json:
-        write_json(args.json, {"machine": info, "threads": threads, "batch": batch, "repeats": repeats,
-                               "warmup": warmup, "model": rows, "conv": conv})
+        write_json(args.json, {"machine": info, "threads": threads, "batches": batches, "repeats": repeats,
+                               "sgemm_gflops": sgemm, "warmup": warmup, "model": rows, "conv": conv})
     return rows, conv
 
 

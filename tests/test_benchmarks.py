@@ -141,6 +141,10 @@ def test_bench_train_smoke(tmp_path):
             assert r[f"{name}_warmup_steps"] >= 5 and isinstance(r[f"{name}_stable"], bool)
         if "torch" in names:  # the ratio is reported beside both sides' absolute images/s
             assert r["cpu/torch"] == pytest.approx(r["cpu"] / r["torch"])
+            if r["phase"] == "train":  # and each side's share of the matmul rate, in (0, 100] %
+                assert 0 < r["cpu_%matmul"] <= 100 and 0 < r["torch_%matmul"] <= 100
+    if bench_train.torch is not None:  # PyTorch's FLOP counter: 61.9 MFLOP per 8x8 training image (issue 15)
+        assert bench_train.train_flops_per_image(8) == pytest.approx(61.94e6, rel=1e-3)
     assert len(conv) == 1 and _positive(conv[0]["numba_fwd"]) and _positive(conv[0]["sgemm"])
 
 
