@@ -245,6 +245,13 @@ def test_cli_sample_and_evaluate_are_the_same_for_any_ranks_and_batch_size(tmp_p
     r4 = cli(1, "sample", *common[:2], "-n", 4, *common[4:], "--out", tmp_path / "s4")
     assert r4.returncode == 0, r4.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "s4" / "samples.npy"), a[:4])
+    inp = ["--checkpoint", ckpt, "--images", "test", "-n", 5, "--mask", "bottom", "--steps", 5, "--jump-length", 2,
+           "--jump-n-sample", 2, "--no-progress"]
+    i1 = cli(1, "inpaint", *inp, "--out", tmp_path / "i1", "--batch-size", 5)
+    i2 = cli(2, "inpaint", *inp, "--out", tmp_path / "i2", "--batch-size", 2)
+    assert i1.returncode == 0 and i2.returncode == 0, i2.stderr
+    assert i2.stdout.count("5 images inpainted") == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "i2" / "inpainted.npy"), np.load(tmp_path / "i1" / "inpainted.npy"))
     ev = ["--checkpoint", ckpt, "-n", 20, "--steps", 5, "--bpd-timesteps", 0, "--no-progress"]
     e1 = cli(1, "evaluate", *ev, "--json", tmp_path / "e1.json")
     e2 = cli(2, "evaluate", *ev, "--json", tmp_path / "e2.json", "--batch-size", 3)
@@ -315,3 +322,12 @@ def test_cli_ctrl_c_on_the_launcher_stops_every_rank_after_the_same_step(tmp_pat
     assert stdout.count("interrupted: step") == 1, (stdout, stderr)
     tr = load_checkpoint(out / "checkpoint.npz")  # saved after the step every rank stopped at
     assert tr.step_count > 10 and f"interrupted: step {tr.step_count} " in stdout
+
+
+@needs_mpi
+def test_cli_time_budget_stops_every_rank_after_the_same_step(tmp_path):
+    r = cli(2, "train", "--out", tmp_path / "run", "--minutes", "0.05", "--steps", "100000", *TRAIN[2:], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("time_budget: step") == 1, r.stdout
+    step = load_checkpoint(tmp_path / "run" / "checkpoint.npz").step_count
+    assert step > 1 and f"time_budget: step {step} " in r.stdout
