@@ -222,3 +222,23 @@ def test_unet_forward_backward_same_bits_with_any_thread_count(way, monkeypatch)
         return [out, dx] + [grads[k] for k in sorted(grads)]
 
     _assert_same_bits(_run_with("patched", 1, run), _run_with(*way, run))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_step_scope_holds_blas_to_one_thread_with_any_thread_count(k, monkeypatch):
+    """Small GEMMs on several BLAS threads made a one-thread forward pass 2x slower (README: threads):
+    a model pass holds BLAS to one thread whatever numba's thread count, and restores it afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    _set_threads_patched(monkeypatch, k)
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        if blas_threads() != {2}:
+            pytest.skip("this BLAS does not take a thread count of 2")
+        with _threads.step_scope():
+            with _threads.step_scope():  # nested scopes: one limit
+                assert blas_threads() == {1}
+            assert blas_threads() == {1}
+        assert blas_threads() == {2}

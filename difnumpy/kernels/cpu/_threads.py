@@ -43,14 +43,15 @@ _BLAS_HOLD = [0, None]  # [depth, active threadpoolctl limiter]: BLAS's thread c
 
 
 class _BlasOneThread:
-    """Context manager: BLAS limited to one thread while ``nt > 1`` of our threads run (no-op otherwise).
+    """Context manager: BLAS limited to one thread while our kernels run (any ``nt``; without threadpoolctl
+    a no-op).
 
     Re-entrant: nested scopes (a model step around its kernel calls) set the limit once and restore
     it when the outermost scope exits.
     """
 
     def __init__(self, nt=2):
-        self._on = nt > 1 and _TPC is not None
+        self._on = _TPC is not None  # at nt == 1 too: see step_scope
 
     def __enter__(self):
         global _TP_CONTROLLER
@@ -77,10 +78,12 @@ class _BlasOneThread:
 def step_scope():
     """Context for a whole model pass on this backend (used by :class:`difnumpy.nn.unet.UNet`).
 
-    With ``numba.get_num_threads() > 1`` it holds BLAS to one thread for the whole forward or backward
-    pass, not only inside each kernel: a multi-threaded BLAS call (the U-Net's small linear layers)
-    leaves OpenBLAS's worker threads spinning (sched_yield) for ~0.1 s, and on a loaded 2-core machine
-    they took the core that our second share needed (8x8 training step 2.3x slower, measured).
+    It holds BLAS to one thread for the whole forward or backward pass, not only inside each kernel: a
+    multi-threaded BLAS call (the U-Net's small linear layers) leaves OpenBLAS's worker threads spinning
+    (sched_yield) for ~0.1 s, and on a loaded 2-core machine they took the core that our second share
+    needed (8x8 training step 2.3x slower, measured). With one numba thread too: there the small GEMMs
+    on two BLAS threads made a batch-128 8x8 forward pass 2x slower (76 vs 39 ms; the linear layers 24
+    vs 1 ms, measured 2026-11-30).
     """
     return _BlasOneThread(_nthreads())
 
