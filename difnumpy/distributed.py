@@ -230,7 +230,8 @@ class GradientAllreduce:
             buf[off:off + h.size] = h.reshape(-1)
             off += h.size
         buf[:total] *= dt.type(n_local)
-        buf[total] = float(loss) * n_local  # in the gradients' dtype: float32 rounding of the reported loss
+        with np.errstate(over="ignore"):  # an overflow is an inf loss: the trainer reports the divergence
+            buf[total] = float(loss) * n_local  # in the gradients' dtype: float32 rounding of the reported loss
         buf[total + 1] = 1.0 if world.stop_requested else 0.0
         world.allreduce_(buf)
         self.last_bytes = buf.nbytes

@@ -331,3 +331,15 @@ def test_cli_time_budget_stops_every_rank_after_the_same_step(tmp_path):
     assert r.stdout.count("time_budget: step") == 1, r.stdout
     step = load_checkpoint(tmp_path / "run" / "checkpoint.npz").step_count
     assert step > 1 and f"time_budget: step {step} " in r.stdout
+
+
+@needs_mpi
+def test_cli_divergence_on_two_ranks_is_reported_once_with_its_status(tmp_path):
+    r = cli(2, "train", "--out", tmp_path / "run", "--lr", "1e30", "--warmup-steps", "0", "--checkpoint-every", "1",
+            "--steps", "50", "--batch-size", "16", "--base-channels", "8", "--timesteps", "100", "--no-progress",
+            timeout=300)
+    assert r.returncode == 3, r.stderr  # EXIT_DIVERGED, as in one process
+    assert r.stderr.count("training diverged at step") == 1, r.stderr
+    assert "Warning" not in r.stderr
+    step = load_checkpoint(tmp_path / "run" / "checkpoint.npz").step_count
+    assert f"the last good checkpoint (step {step})" in r.stderr

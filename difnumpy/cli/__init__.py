@@ -285,6 +285,10 @@ def _fail_distributed(prog: str, exc: BaseException, world) -> int:
         if world.rank == world.setup_failed_rank:
             print(msg, file=sys.stderr, flush=True)
         return code
+    if isinstance(exc, DivergenceError):  # the global loss and gradient norm: every rank raised it, same step
+        if world.is_root:
+            print(msg, file=sys.stderr, flush=True)
+        return code
     if not isinstance(exc, KeyboardInterrupt) or world.is_root:  # Ctrl-C reaches every rank: said once
         print(f"{msg} (rank {world.rank} of {world.size}; stopping every rank)", file=sys.stderr, flush=True)
     world.abort(code)
