@@ -1,4 +1,5 @@
-"""Sampling throughput: DDPM-1000 and DDIM-{10,20,50,100} with the default U-Net, beside PyTorch.
+"""Sampling throughput: DDPM-1000, DDIM-{10,20,50,100} and DPM-Solver++(2M)-15 with the default U-Net,
+beside PyTorch.
 
 Questions answered, each with its baseline timed in the same run:
 
@@ -9,6 +10,8 @@ Questions answered, each with its baseline timed in the same run:
    eps = model(x, t); x = step(eps, t, x)`` with the DDPM / DDIM update written in torch, "leading"
    timestep spacing, x0 clipped to [-1, 1], as ``diffusers.DDPMScheduler`` / ``DDIMScheduler`` do;
    no diffusers dependency). Both start from the same x_T. The figure quoted is ``cpu / torch``.
+   DPM-Solver++(2M) with 15 steps (``method="dpmpp_2m"``; the torch loop writes the same multistep update,
+   Lu et al. 2022 Alg. 2, at the same timesteps: ``difnumpy.solvers.schedule_sigmas``).
 2. The DDIM-50 vs DDPM-1000 wall-clock speedup. Goal >= 19x. The ideal is 20x = 1000 / 50: both loops
    call the same network once per step, so the ratio falls below 20 only by what each step costs beyond
    the network (the sampler update, noise drawing, Python), and exceeds it slightly because a DDPM step
@@ -91,13 +94,47 @@ def difnumpy_loop(model, schedule, x_T, method, num_steps, max_steps=None):
     return x, times
 
 
-def torch_loop(model, alphas_cumprod, x_T, method, num_steps, max_steps=None, seed=1):
+def torch_dpmpp_2m_loop(model, schedule, x_T, num_steps):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) as diffusers' ``DPMSolverMultistepScheduler`` runs it by default
+    (midpoint, no thresholding, first order at the final step to sigma 0) in torch, at the timesteps of
+    ``difnumpy.solvers.schedule_sigmas``; returns (x as ndarray, per-step seconds)."""
+    from difnumpy.solvers import schedule_sigmas
+    ts, sigmas = schedule_sigmas("dpmpp_2m", schedule, num_steps)
+    alpha = [1.0 / (1.0 + s * s) ** 0.5 for s in sigmas]  # VP: sigma = sigma_t / alpha_t
+    sig = [s * a for s, a in zip(sigmas, alpha)]
+    lam = [float("inf") if s == 0 else float(np.log(a / s)) for a, s in zip(alpha, sig)]
+    n = x_T.shape[0]
+    x = torch.from_numpy(np.array(x_T, copy=True))
+    times, x0_prev, h_prev = [], None, None
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for i, t in enumerate(ts):
+            eps = model(x, torch.full((n,), int(t), dtype=torch.int64))
+            x0 = (x - sig[i] * eps) / alpha[i]
+            if sig[i + 1] == 0:  # the final step to sigma 0: x0
+                x = x0
+            else:
+                h = lam[i + 1] - lam[i]
+                d = x0 if x0_prev is None else x0 + (0.5 * h / h_prev) * (x0 - x0_prev)
+                x = (sig[i + 1] / sig[i]) * x - alpha[i + 1] * float(np.expm1(-h)) * d
+                h_prev = h
+            x0_prev = x0
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            t0 = t1
+    return x.numpy(), times
+
+
+def torch_loop(model, schedule, x_T, method, num_steps, max_steps=None, seed=1):
     """A diffusers-style sampling loop in torch; returns (x as ndarray, per-step seconds list).
 
     DDPM step (diffusers ``DDPMScheduler.step``, variance "fixed_small", clip_sample=True) and DDIM step
     (``DDIMScheduler.step``, eta = 0, clip_sample=True, eps re-derived from the clipped x0,
     ``set_alpha_to_one=True``), timesteps with "leading" spacing: the same maths as ``difnumpy.sample``.
     """
+    if method == "dpmpp_2m":
+        return torch_dpmpp_2m_loop(model, schedule, x_T, num_steps)
+    alphas_cumprod = schedule.alphas_cumprod
     T = len(alphas_cumprod)
     timesteps = [int(t) for t in inference_timesteps(T, num_steps, "leading")]
     ac = [float(a) for a in alphas_cumprod]
@@ -237,15 +274,14 @@ def main(argv=None):
     schedule = difnumpy.Schedule.from_name("linear", 1000)
     model = difnumpy.UNet(backend="cpu", rng=np.random.default_rng(0))
     x_T = np.random.default_rng(0).standard_normal((batch, 1, args.size, args.size), dtype=np.float32)
-    configs = [("ddpm", 1000)] + [("ddim", s) for s in ddim_steps]
+    configs = [("ddpm", 1000)] + [("ddim", s) for s in ddim_steps] + [("dpmpp_2m", 15)]
 
     impls = []
     if use_torch:
         from bench_train import TorchUNet
         torch.manual_seed(0)
         tmodel = TorchUNet().eval()
-        impls.append(("torch", lambda m, s, lim: (lambda: torch_loop(tmodel, schedule.alphas_cumprod, x_T,
-                                                                      m, s, lim))))
+        impls.append(("torch", lambda m, s, lim: (lambda: torch_loop(tmodel, schedule, x_T, m, s, lim))))
     impls.append(("cpu", lambda m, s, lim: (lambda: difnumpy_loop(model, schedule, x_T, m, s, lim))))
     # the two implementations alternate in this process (bench_loops), both warmed until stable
     warmup = dict(WARMUP)

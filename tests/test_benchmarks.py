@@ -53,9 +53,15 @@ def test_torch_loop_matches_difnumpy():
         return x * 0.3
 
     a, steps_a = bench_sample.difnumpy_loop(model, schedule, x_T, "ddim", 20)
-    b, steps_b = bench_sample.torch_loop(model, schedule.alphas_cumprod, x_T, "ddim", 20)
+    b, steps_b = bench_sample.torch_loop(model, schedule, x_T, "ddim", 20)
     assert len(steps_a) == len(steps_b) == 20
     np.testing.assert_allclose(a, b, atol=1e-5)
+    # and DPM-Solver++(2M): the same multistep update at the same timesteps
+    a, steps_a = bench_sample.difnumpy_loop(model, schedule, x_T, "dpmpp_2m", 15)
+    b, steps_b = bench_sample.torch_loop(model, schedule, x_T, "dpmpp_2m", 15)
+    assert len(steps_a) == len(steps_b) == 15
+    assert np.abs(a - x_T).max() > 0.1  # the loop did something
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 class _FakeClock:
