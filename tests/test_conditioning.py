@@ -293,14 +293,15 @@ def test_inpaint_bad_masks_and_images(rng):
 def test_reconstruction_guidance_gradient_is_the_finite_difference(rng, pred, labels, w):
     """Ho et al. 2022 Sec. 3.1: grad = d/dx_t ||m (x_known - x0_hat(x_t))||^2 through the (guided) network, and the
     output's x0_hat is moved by -(w_r sqrt(abar) / 2) (1 - m) grad in the unknown region only."""
-    from difnumpy.samplers.inpaint import _x0_coefficients, reconstruction_guided_output
+    from difnumpy.samplers.inpaint import reconstruction_guided_output
+    from difnumpy.samplers.steps import _x0_coefficients
     model = _random_conditional(rng)
     x = rng.standard_normal((2, 1, 8, 8))
     known = rng.uniform(-1, 1, x.shape)
     mask = np.zeros_like(x)
     mask[..., :4, :] = 1
     t, w_r = 300, 3.0
-    c_x, c_o = _x0_coefficients(pred, float(LIN.alphas_cumprod[t]))
+    c_x, c_o = (float(c) for c in _x0_coefficients(LIN, np.asarray(t), pred))
     y = None if labels is None else np.array(labels)
 
     def loss(xt):
@@ -336,7 +337,7 @@ def test_inpaint_with_reconstruction_guidance(rng):
     assert np.abs(guided - plain)[..., 4:, :].max() > 1e-3
     with pytest.raises(ValueError, match="reconstruction_guidance must be a finite number >= 0"):
         inpaint(model, LIN, x, mask, rng=0, reconstruction_guidance=-1.0, **kw)
-    with pytest.raises(TypeError, match="needs a difnumpy UNet"):
+    with pytest.raises(TypeError, match="it needs a difnumpy UNet"):
         inpaint(lambda xt, t: np.zeros_like(xt), LIN, x, mask, rng=0, reconstruction_guidance=1.0, **kw)
 
 

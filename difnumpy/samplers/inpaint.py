@@ -18,11 +18,11 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from difnumpy._validation import as_generator, check_float_array
+from difnumpy._validation import PREDICTION_TYPES, as_generator, check_choice, check_float_array
 from difnumpy.diffusion import _check_schedule
 from difnumpy.kernels import get_backend
 from difnumpy.samplers.loop import _resolve_backend, make_model_fn
-from difnumpy.samplers.steps import ddim_step
+from difnumpy.samplers.steps import _x0_coefficients, ddim_step
 from difnumpy.schedules import Schedule
 
 _STEP_KW = {"prediction_type", "clip_sample", "clip_range", "thresholding", "dynamic_thresholding_ratio",
@@ -77,15 +77,10 @@ def _abar(schedule: Schedule, level: int) -> float:
     return 1.0 if level < 0 else float(schedule.alphas_cumprod[level])
 
 
-def _x0_coefficients(prediction_type: str, abar: float) -> tuple[float, float]:
-    """``(c_x, c_o)`` with ``x0_hat = c_x x_t + c_o output`` (DDPM eq. 15 for epsilon; v: Salimans & Ho 2022)."""
-    if prediction_type == "epsilon":
-        return 1.0 / np.sqrt(abar), -np.sqrt(1.0 - abar) / np.sqrt(abar)
-    if prediction_type == "v_prediction":
-        return np.sqrt(abar), -np.sqrt(1.0 - abar)
-    if prediction_type == "sample":
-        return 0.0, 1.0
-    raise ValueError(f"prediction_type must be one of ('epsilon', 'sample', 'v_prediction'), got {prediction_type!r}")
+def _check_differentiable(model) -> None:
+    if not (callable(getattr(model, "forward", None)) and callable(getattr(model, "backward", None))):
+        raise TypeError(f"reconstruction guidance differentiates the model: it needs a difnumpy UNet (forward and "
+                        f"backward), got {type(model).__name__}")
 
 
 def reconstruction_guided_output(model, schedule: Schedule, x_t: np.ndarray, t: int, x_known: np.ndarray,
@@ -111,9 +106,7 @@ def reconstruction_guided_output(model, schedule: Schedule, x_t: np.ndarray, t: 
         ``x0_hat - (w_r sqrt(abar_t) / 2) (1 - mask) * grad``, ``grad = d/dx_t ||mask (x_known - x0_hat)||^2``
     info : dict with ``x0_hat`` (float64) and ``grad`` (float64), for tests and diagnostics
     """
-    if not (callable(getattr(model, "forward", None)) and callable(getattr(model, "backward", None))):
-        raise TypeError(f"reconstruction guidance differentiates the model: it needs a difnumpy UNet (forward and "
-                        f"backward), got {type(model).__name__}")
+    _check_differentiable(model)
     x = np.asarray(x_t)
     n = x.shape[0]
     tt = np.full(n, int(t), dtype=np.int64)
@@ -129,8 +122,9 @@ def reconstruction_guided_output(model, schedule: Schedule, x_t: np.ndarray, t: 
     if out.shape != x.shape:
         raise ValueError(f"reconstruction guidance needs an output of x_t's shape {x.shape}, got {out.shape} "
                          f"(a learned variance is not supported)")
+    check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
     abar = _abar(schedule, int(t))
-    c_x, c_o = _x0_coefficients(prediction_type, abar)
+    c_x, c_o = (float(c) for c in _x0_coefficients(schedule, np.asarray(int(t)), prediction_type))
     x64, m = x.astype(np.float64), np.asarray(mask, np.float64)
     x0 = c_x * x64 + c_o * out
     v = 2.0 * m * (x0 - np.asarray(x_known, np.float64))  # d/dx0 of ||m (x_known - x0)||^2
@@ -222,19 +216,20 @@ def inpaint(model: Callable, schedule: Schedule, x_known: np.ndarray, mask, *, n
     w_r = float(reconstruction_guidance)
     if not np.isfinite(w_r) or w_r < 0:
         raise ValueError(f"reconstruction_guidance must be a finite number >= 0, got {reconstruction_guidance!r}")
-    if w_r > 0:
+    if w_r > 0:  # the guided output replaces the plain model call (its maths on the host: on cuda a step
+        # copies x_t down and the output up, as thresholding does)
         pred = step_kw.get("prediction_type", "epsilon")
-        _x0_coefficients(pred, 0.5)  # a clear error for a bad prediction_type before any work
+        check_choice(pred, "prediction_type", PREDICTION_TYPES)  # clear errors before any work
+        _check_differentiable(model)
         known_h, mask_h = np.ascontiguousarray(x_known), np.ascontiguousarray(m, dtype=dt)
-        if not (callable(getattr(model, "forward", None)) and callable(getattr(model, "backward", None))):
-            raise TypeError(f"reconstruction_guidance needs a difnumpy UNet (it differentiates the model), got "
-                            f"{type(model).__name__}")
 
-        def model_fn(x, tt, _plain=model_fn):  # noqa: F811 - the guided output replaces the plain one
+        def guided_fn(x, tt):
             out, _ = reconstruction_guided_output(model, schedule, kern.to_host(x), int(tt[0]), known_h, mask_h, w_r,
                                                   prediction_type=pred, class_labels=class_labels,
                                                   guidance_scale=guidance_scale)
             return kern.asarray(out)
+
+        model_fn = guided_fn
 
     def noise():
         return kern.asarray(rng.standard_normal(shape, dtype=dt))
