@@ -386,10 +386,9 @@ class Trainer:
             part = world.batch_slice(_check_x0(x0_batch).shape[0])
         loss, grads = loss_and_grads(self._model, self.schedule, x0_batch, self.rng, self.prediction_type,
                                      class_labels, self.label_dropout, part)
-        if part is not None:  # one Allreduce: gradients, the loss and the stop flag (World.stop_agreed)
-            grads, loss = self._allreduce(grads, part[1] - part[0], x0_batch.shape[0], self._kern, loss)
-        else:
-            world.stop_agreed = world.stop_requested
+        # one Allreduce of gradients, loss and stop flag (World.stop_agreed); with one process it only passes them on
+        n = x0_batch.shape[0]
+        grads, loss = self._allreduce(grads, n if part is None else part[1] - part[0], n, self._kern, loss)
         if not math.isfinite(loss):
             raise DivergenceError(f"non-finite loss ({loss}) at step {self.step_count + 1}; "
                                   f"the update was not applied")

@@ -49,6 +49,15 @@ def _check_path(path) -> str:
     return path
 
 
+def _check_image_list(seq, name: str) -> list:
+    """A non-empty list (or a 5-D array) of (N, C, H, W) image arrays, each checked by :func:`_check_images`."""
+    if isinstance(seq, np.ndarray) and seq.ndim == 5:
+        seq = list(seq)
+    if not isinstance(seq, (list, tuple)) or len(seq) < 1:
+        raise ValueError(f"{name} must be a non-empty list of (N, C, H, W) arrays")
+    return [_check_images(a, f"{name}[{i}]") for i, a in enumerate(seq)]
+
+
 def _check_images(images, name: str = "images") -> np.ndarray:
     if not isinstance(images, np.ndarray):
         raise TypeError(f"{name} must be an ndarray of shape (N, C, H, W), got {type(images).__name__}")
@@ -273,11 +282,7 @@ def trajectory_strip(frames: Sequence[np.ndarray], ts, path, title: str | None =
     path : str
     """
     _check_path(path)
-    if isinstance(frames, np.ndarray) and frames.ndim == 5:
-        frames = list(frames)
-    if not isinstance(frames, (list, tuple)) or len(frames) < 1:
-        raise ValueError("frames must be a non-empty list of (N, C, H, W) arrays")
-    frames = [_check_images(f, f"frames[{i}]") for i, f in enumerate(frames)]
+    frames = _check_image_list(frames, "frames")
     if any(f.shape != frames[0].shape for f in frames):
         raise ValueError(f"frames must all have the same shape, got {[f.shape for f in frames]}")
     ts = _check_ts(ts)
@@ -465,11 +470,7 @@ def labelled_rows(rows: Sequence[np.ndarray], row_labels: Sequence[str], path, t
     path : str
     """
     _check_path(path)
-    if isinstance(rows, np.ndarray) and rows.ndim == 5:
-        rows = list(rows)
-    if not isinstance(rows, (list, tuple)) or len(rows) < 1:
-        raise ValueError("rows must be a non-empty list of (N, C, H, W) arrays")
-    rows = [_check_images(r, f"rows[{i}]") for i, r in enumerate(rows)]
+    rows = _check_image_list(rows, "rows")
     if any(r.shape[1:] != rows[0].shape[1:] for r in rows):
         raise ValueError(f"rows must share C, H, W, got {[r.shape for r in rows]}")
     labels = [str(v) for v in row_labels]

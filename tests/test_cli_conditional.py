@@ -11,6 +11,7 @@ from difnumpy.cli import main
 from difnumpy.cli.demo import COND_LABEL_DROPOUT
 from difnumpy.data import load_digits
 from difnumpy.samplers import METHODS
+from test_cli import _one_line_error
 
 TINY = ["--steps", "4", "--base-channels", "8", "--groups", "4", "--timesteps", "20", "--batch-size", "16",
         "--backend", "numpy", "--no-progress", "--log-every", "2"]
@@ -30,15 +31,7 @@ def uncond_ckpt(tmp_path_factory):
     return str(out / "checkpoint.npz")
 
 
-def _error(capsys, code, expected_code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == expected_code, err
-    assert "Traceback" not in err
-    last = err.splitlines()[-1]
-    assert last.startswith("difnumpy"), err
-    for n in needles:
-        assert n in last, last
-    return last
+_error = _one_line_error  # one line on stderr, the exit status, no traceback (tests/test_cli.py)
 
 
 # ------------------------------------------------------------------------------ train --conditional

@@ -54,54 +54,24 @@ class Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------ argument types
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(cast, ok, expected: str, bound: str):
+    """An argparse type: ``cast(s)``, then ``ok(v)``; the messages name what was expected."""
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must {bound}, got {s if cast is float else v}")
+        return v
+    return parse
 
 
-def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
-    return v
-
-
-def nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not (v >= 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
-
-
-def unit_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {s}")
-    return v
+positive_int = _number(int, lambda v: v >= 1, "a positive integer", "be >= 1")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0", "be >= 0")
+positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), "a positive number", "be a finite number > 0")
+nonneg_float = _number(float, lambda v: v >= 0 and np.isfinite(v), "a number >= 0", "be a finite number >= 0")
+unit_float = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "lie in [0, 1]")
 
 
 def int_list(s: str) -> tuple:
