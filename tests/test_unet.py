@@ -307,3 +307,98 @@ def test_batch_split_reraises_a_failing_share():
         cpu.run_shares(fn, [(0, 2), (2, 4)])
     assert sorted(done) == [0, 1]
     assert cpu.run_shares(lambda k, a, b: (k, a, b), [(0, 2), (2, 5)]) == [(0, 0, 2), (1, 2, 5)]
+
+
+# ---- frozen parameters: derived filters computed once (issue 15) ----
+
+def _count_transforms(monkeypatch):
+    """Count the Winograd filter transforms the cpu backend computes (forward and flipped)."""
+    import difnumpy.kernels.cpu.conv as conv
+    calls = []
+    real = conv._wino_transform
+
+    def counting(w):
+        calls.append(w.shape)
+        return real(w)
+    monkeypatch.setattr(conv, "_wino_transform", counting)
+    return calls
+
+
+def _winograd_convs(model):
+    """The model's 3x3 stride-1 convs (the Downsample convs are stride 2)."""
+    return sum(1 for k, p in model.params.items() if p.ndim == 4 and p.shape[2] == 3 and "downsample" not in k)
+
+
+def test_frozen_model_is_read_only_and_gives_the_same_bits(rng):
+    m = UNet(**TINY, backend="cpu", rng=0)
+    _randomize(m, rng)
+    x = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
+    t = np.array([1, 500, 999])
+    plain = m(x, t)
+    out, cache = m.forward(x, t)
+    g_plain, dx_plain = m.backward(np.ones_like(out), cache, return_input_grad=True)
+    with m.frozen() as fm:
+        assert fm is m
+        with m.frozen():  # re-entrant
+            np.testing.assert_array_equal(m(x, t), plain)
+        np.testing.assert_array_equal(m(x, t), plain)
+        out, cache = m.forward(x, t)
+        g, dx = m.backward(np.ones_like(out), cache, return_input_grad=True)
+        np.testing.assert_array_equal(dx, dx_plain)  # the flipped filters' cached transform
+        for k in g:
+            np.testing.assert_array_equal(g[k], g_plain[k])
+        with pytest.raises(ValueError, match="read-only"):
+            m.params["stem.w"][0, 0, 0, 0] = 1.0
+        assert not any(p.flags.writeable for p in m.params.values())
+    assert all(p.flags.writeable for p in m.params.values())
+    m.params["stem.w"][0, 0, 0, 0] += 1.0  # writeable again, and seen by the next call
+    assert not np.array_equal(m(x, t), plain)
+
+
+def test_frozen_model_computes_each_filter_transform_once(monkeypatch, rng):
+    m = UNet(**TINY, backend="cpu", rng=0)
+    _randomize(m, rng)
+    calls = _count_transforms(monkeypatch)
+    n = _winograd_convs(m)
+    x = rng.standard_normal((16, 1, 8, 8)).astype(np.float32)  # two batch shares
+    m(x, 5)
+    assert len(calls) == n  # once per pass, not once per share
+    calls.clear()
+    with m.frozen():
+        for _ in range(3):
+            m(x, 5)
+    assert len(calls) == n  # once per scope
+    calls.clear()
+    for _ in range(2):
+        m(x, 5)
+    assert len(calls) == 2 * n  # the scope's store is gone with it
+
+
+def test_frozen_model_never_uses_a_replaced_parameters_transform(rng):
+    m = UNet(**TINY, backend="cpu", rng=0)
+    other = UNet(**TINY, backend="cpu", rng=1)
+    _randomize(m, rng)
+    _randomize(other, rng)
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    want = other(x, 7)
+    with m.frozen():
+        m(x, 7)
+        m.set_params(other.host_params())
+        np.testing.assert_array_equal(m(x, 7), want)
+        m.params["stem.w"] = m.params["stem.w"].copy()  # assigned inside the scope: read-only from the next call
+        m(x, 7)
+        assert not m.params["stem.w"].flags.writeable
+    assert m.params["stem.w"].flags.writeable
+
+
+def test_sampling_loops_run_the_model_frozen(monkeypatch, rng):
+    from difnumpy import Schedule, sample
+    m = UNet(**TINY, backend="cpu", rng=0)
+    _randomize(m, rng)
+    sched = Schedule.from_name("linear", 100)
+    want = sample(m, sched, (2, 1, 8, 8), method="ddim", num_steps=4, rng=np.random.default_rng(0), backend="cpu")
+    calls = _count_transforms(monkeypatch)
+    got = sample(m, sched, (2, 1, 8, 8), method="ddim", num_steps=4, rng=np.random.default_rng(0), backend="cpu")
+    np.testing.assert_array_equal(got, want)
+    assert len(calls) == _winograd_convs(m)  # one transform per filter for the 4 steps
+    assert all(p.flags.writeable for p in m.params.values())

@@ -61,7 +61,8 @@ BACKEND_API: dict[str, str] = {
 }
 
 #: Optional hooks a backend may provide (the U-Net uses them when present):
-#: ``step_scope()`` a context manager around a whole model pass; ``batch_shares(n)`` a list of
+#: ``step_scope(store=None)`` a context manager around a whole model pass (``store``: a dict the caller keeps
+#: for what the kernels derive from the weights, valid while they do not change); ``batch_shares(n)`` a list of
 #: ``(start, stop)`` image ranges or None; ``run_shares(fn, shares)`` runs ``fn(k, start, stop)`` per share.
 OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares")
 

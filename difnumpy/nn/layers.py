@@ -142,8 +142,12 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
     if H + 2 * padding < KH or W + 2 * padding < KW:
         raise ValueError(f"kernel {KH}x{KW} is larger than the padded input {H + 2 * padding}x{W + 2 * padding} "
                          f"(x shape {tuple(x.shape)}, padding {padding})")
-    out = kern.conv2d_forward(x, w, b, stride, padding)
-    return out, (x, w, stride, padding, kern)
+    return _conv2d(x, w, b, stride, padding, kern)
+
+
+def _conv2d(x, w, b, stride: int, padding: int, kern):
+    """:func:`conv2d_forward` on arguments already checked (native arrays of ``kern``, one dtype)."""
+    return kern.conv2d_forward(x, w, b, stride, padding), (x, w, stride, padding, kern)
 
 
 def conv2d_backward(dout: np.ndarray, cache: tuple,
@@ -199,6 +203,11 @@ def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, *,
         raise ValueError(f"w has {w.shape[1]} input features but x has {x.shape[1]} "
                          f"(x shape {tuple(x.shape)}, w shape {tuple(w.shape)})")
     b = _check_param("b", b, (w.shape[0],), x.dtype, kern)
+    return _linear(x, w, b, kern)
+
+
+def _linear(x, w, b, kern):
+    """:func:`linear_forward` on arguments already checked."""
     return kern.linear_forward(x, w, b), (x, w, kern)
 
 
@@ -257,7 +266,11 @@ def group_norm_silu_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, 
     """
     kern = _kernels(backend)
     x, gamma, beta, groups, eps = _gn_checks(x, gamma, beta, groups, eps, kern)
-    silu = bool(silu)
+    return _gn_silu(x, gamma, beta, groups, eps, bool(silu), kern)
+
+
+def _gn_silu(x, gamma, beta, groups: int, eps: float, silu: bool, kern):
+    """:func:`group_norm_silu_forward` on arguments already checked."""
     out, mean, rstd = kern.group_norm_silu_forward(x, gamma, beta, groups, eps, silu)
     return out, (x, gamma, beta, mean, rstd, groups, silu, kern)
 
@@ -313,7 +326,11 @@ def silu_forward(x: np.ndarray, *, backend: str | ModuleType = "numpy") -> tuple
     cache : tuple, for :func:`silu_backward`
     """
     kern = _kernels(backend)
-    x = _check_float_array("x", x, None, kern)
+    return _silu(_check_float_array("x", x, None, kern), kern)
+
+
+def _silu(x, kern):
+    """:func:`silu_forward` on an array already checked."""
     return kern.silu_forward(x), (x, kern)
 
 
@@ -341,7 +358,11 @@ def upsample_nearest_forward(x: np.ndarray, backend: str | ModuleType = "numpy")
     cache : tuple, for :func:`upsample_nearest_backward`
     """
     kern = _kernels(backend)
-    x = _check_float_array("x", x, 4, kern)
+    return _upsample(_check_float_array("x", x, 4, kern), kern)
+
+
+def _upsample(x, kern):
+    """:func:`upsample_nearest_forward` on an array already checked."""
     return kern.upsample_nearest2x_forward(x), (kern,)
 
 
@@ -375,6 +396,11 @@ def concat_forward(xs: Sequence[np.ndarray], backend: str | ModuleType = "numpy"
         if a.shape[0] != first.shape[0] or a.shape[2:] != first.shape[2:]:
             raise ValueError(f"xs[{k}] has shape {tuple(a.shape)}, incompatible with xs[0] shape "
                              f"{tuple(first.shape)} (all but the channel axis must agree)")
+    return _concat(xs, kern)
+
+
+def _concat(xs, kern):
+    """:func:`concat_forward` on arrays already checked."""
     return kern.concat_channels(xs), (tuple(a.shape[1] for a in xs), kern)
 
 

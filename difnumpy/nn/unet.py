@@ -138,6 +138,7 @@ class UNet:
             raise ValueError(f"groups={self.groups} must divide every GroupNorm channel count "
                              f"{sorted(set(self._norm_channels))}; it does not divide {bad}")
         self.params: dict[str, np.ndarray] = {}
+        self._frozen: list | None = None  # while frozen: [store of derived weights, arrays made read-only]
         self._init_params(rng)
 
     # ---------------------------------------------------------------- construction
@@ -368,18 +369,33 @@ class UNet:
 
     # ---------------------------------------------------------------- forward
 
-    def _res_forward(self, key: str, has_skip: bool, x: np.ndarray, temb_act: np.ndarray, keep: bool):
-        P, k, g = self.params, self._kern, self.groups
-        h, c_n1 = L.group_norm_silu_forward(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], g, GN_EPS,
-                                            backend=k)
-        h, c_c1 = L.conv2d_forward(h, P[key + ".conv1.w"], P[key + ".conv1.b"], 1, 1, backend=k)
-        tp, c_t = L.linear_forward(temb_act, P[key + ".temb.w"], P[key + ".temb.b"], backend=k)
+    def _pass_params(self) -> dict:
+        """The parameters as native arrays of the backend, checked once per pass (shape and dtype):
+        the graph's layers then run unchecked (:mod:`difnumpy.nn.layers`' ``_conv2d`` etc.)."""
+        k, P, out = self._kern, self.params, {}
+        for key, (shape, _) in self._shapes.items():
+            a = P.get(key)
+            if a is None:
+                raise ValueError(f"params[{key!r}] is missing")
+            if not (isinstance(a, np.ndarray) or k.is_array(a)):
+                raise TypeError(f"params[{key!r}] must be an array, got {type(a).__name__}")
+            if tuple(a.shape) != shape:
+                raise ValueError(f"params[{key!r}] must have shape {shape}, got {tuple(a.shape)}")
+            if np.dtype(a.dtype) != self.dtype:
+                raise TypeError(f"params[{key!r}] must have the model's dtype {self.dtype}, got {a.dtype}")
+            out[key] = k.asarray(a)
+        return out
+
+    def _res_forward(self, P: dict, key: str, has_skip: bool, x: np.ndarray, temb_act: np.ndarray, keep: bool):
+        k, g = self._kern, self.groups
+        h, c_n1 = L._gn_silu(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], g, GN_EPS, True, k)
+        h, c_c1 = L._conv2d(h, P[key + ".conv1.w"], P[key + ".conv1.b"], 1, 1, k)
+        tp, c_t = L._linear(temb_act, P[key + ".temb.w"], P[key + ".temb.b"], k)
         k.add_channel_bias_(h, tp)
-        h, c_n2 = L.group_norm_silu_forward(h, P[key + ".norm2.gamma"], P[key + ".norm2.beta"], g, GN_EPS,
-                                            backend=k)
-        h, c_c2 = L.conv2d_forward(h, P[key + ".conv2.w"], P[key + ".conv2.b"], 1, 1, backend=k)
+        h, c_n2 = L._gn_silu(h, P[key + ".norm2.gamma"], P[key + ".norm2.beta"], g, GN_EPS, True, k)
+        h, c_c2 = L._conv2d(h, P[key + ".conv2.w"], P[key + ".conv2.b"], 1, 1, k)
         if has_skip:
-            s, c_s = L.conv2d_forward(x, P[key + ".skip.w"], P[key + ".skip.b"], 1, 0, backend=k)
+            s, c_s = L._conv2d(x, P[key + ".skip.w"], P[key + ".skip.b"], 1, 0, k)
             k.add_(h, s)
         else:
             c_s = None
@@ -387,9 +403,46 @@ class UNet:
         return h, ((c_n1, c_c1, c_t, c_n2, c_c2, c_s) if keep else None)
 
     def _scope(self):
-        """The backend's context for a whole pass (the numba backend holds BLAS to one thread)."""
+        """The backend's context for a whole pass (the numba backend holds BLAS to one thread and computes
+        each conv's Winograd filters once per pass, or once per :meth:`frozen` scope)."""
         scope = getattr(self._kern, "step_scope", None)
-        return scope() if scope is not None else contextlib.nullcontext()
+        if scope is None:
+            return contextlib.nullcontext()
+        if self._frozen is None:
+            return scope()
+        self._freeze_arrays()  # parameters assigned since the scope opened are read-only too
+        return scope(self._frozen[0])
+
+    def _freeze_arrays(self) -> None:
+        for v in self.params.values():
+            if isinstance(v, np.ndarray) and v.flags.writeable:
+                v.flags.writeable = False
+                self._frozen[1].append(v)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Context in which the parameters do not change: every model call may reuse what it derived from them.
+
+        Inside it the host parameter arrays are read-only (an in-place write raises ValueError; arrays
+        assigned to :attr:`params` inside the scope are made read-only at the next call), and on the "cpu"
+        backend each 3x3 conv's Winograd filter transform (Lavin & Gray 2016, eq. 8: ``G g G^T``) is
+        computed once for the scope instead of once per call. The sampling loops
+        (:func:`difnumpy.samplers.sample`, the solvers, inpainting) run inside it. Re-entrant; on exit the
+        arrays it made read-only are writeable again. Results are the same bits as without it.
+        """
+        if self._frozen is not None:
+            yield self
+            return
+        self._frozen = [{}, []]
+        try:
+            self._freeze_arrays()
+            yield self
+        finally:
+            store, arrays = self._frozen
+            self._frozen = None
+            store.clear()
+            for v in arrays:
+                v.flags.writeable = True
 
     def _shares(self, n: int):
         """The backend's batch split for a pass over ``n`` images (None: one pass)."""
@@ -401,59 +454,60 @@ class UNet:
         with self._scope():
             x, t = self._check_inputs(x, t)
             y = self._check_labels(class_labels, int(x.shape[0]))
+            P = self._pass_params()
             shares = self._shares(x.shape[0])
             if shares is None:
-                out, cache = self._forward_impl(x, t, y, keep)
+                out, cache = self._forward_impl(P, x, t, y, keep)
             else:
                 # data parallel (host backends): each thread runs the whole pass on its images
                 parts = self._kern.run_shares(
-                    lambda k, a, b: self._forward_impl(x[a:b], t[a:b], None if y is None else y[a:b], keep), shares)
+                    lambda k, a, b: self._forward_impl(P, x[a:b], t[a:b], None if y is None else y[a:b], keep),
+                    shares)
                 out = np.concatenate([p[0] for p in parts])
                 cache = {"shares": shares, "parts": [p[1] for p in parts]} if keep else None
         return (self._kern.to_host(out) if given_host else out), cache
 
-    def _forward_impl(self, x, t, y, keep: bool):
-        # x, t: already checked by _forward (once for the whole batch, not once per share)
-        P, k = self.params, self._kern
+    def _forward_impl(self, P, x, t, y, keep: bool):
+        # x, t, P: already checked by _forward (once for the whole batch, not once per share or layer)
+        k = self._kern
         # time embedding (float64 sinusoid on the host, cast to the model dtype)
         e = k.asarray(L.timestep_embedding(t, self.base_channels, dtype=self.dtype))
-        e, c_l1 = L.linear_forward(e, P["time.lin1.w"], P["time.lin1.b"], backend=k)
-        e, c_a1 = L.silu_forward(e, backend=k)
-        e, c_l2 = L.linear_forward(e, P["time.lin2.w"], P["time.lin2.b"], backend=k)
+        e, c_l1 = L._linear(e, P["time.lin1.w"], P["time.lin1.b"], k)
+        e, c_a1 = L._silu(e, k)
+        e, c_l2 = L._linear(e, P["time.lin2.w"], P["time.lin2.b"], k)
         c_y = None
         if y is not None:  # the class embedding added to temb (improved-diffusion's label_emb)
             ey, c_y = L.embedding_forward(P["label_emb.w"], y, backend=k)
             k.add_(e, ey)
-        temb_act, c_a2 = L.silu_forward(e, backend=k)  # SiLU(temb), shared by every ResBlock
+        temb_act, c_a2 = L._silu(e, k)  # SiLU(temb), shared by every ResBlock
 
-        h, c_stem = L.conv2d_forward(x, P["stem.w"], P["stem.b"], 1, 1, backend=k)
+        h, c_stem = L._conv2d(x, P["stem.w"], P["stem.b"], 1, 1, k)
         skips: list[np.ndarray] = []
         down_c: list = []
         for op in self._down:
             if op[0] == "res":
                 _, key, has_skip, _sidx = op
-                h, c = self._res_forward(key, has_skip, h, temb_act, keep)
+                h, c = self._res_forward(P, key, has_skip, h, temb_act, keep)
                 skips.append(h)
             else:
                 key = op[1]
-                h, c = L.conv2d_forward(h, P[key + ".w"], P[key + ".b"], 2, 1, backend=k)
+                h, c = L._conv2d(h, P[key + ".w"], P[key + ".b"], 2, 1, k)
             down_c.append(c)
-        h, mid_c = self._res_forward(self._mid[0], self._mid[1], h, temb_act, keep)
+        h, mid_c = self._res_forward(P, self._mid[0], self._mid[1], h, temb_act, keep)
         up_c: list = []
         for op in self._up:
             if op[0] == "res":
                 _, key, has_skip, _sidx = op
-                h, c_cat = L.concat_forward([h, skips.pop()], backend=k)
-                h, c = self._res_forward(key, has_skip, h, temb_act, keep)
+                h, c_cat = L._concat([h, skips.pop()], k)
+                h, c = self._res_forward(P, key, has_skip, h, temb_act, keep)
                 up_c.append((c_cat, c))
             else:
                 key = op[1]
-                h, c_up = L.upsample_nearest_forward(h, backend=k)
-                h, c_conv = L.conv2d_forward(h, P[key + ".w"], P[key + ".b"], 1, 1, backend=k)
+                h, c_up = L._upsample(h, k)
+                h, c_conv = L._conv2d(h, P[key + ".w"], P[key + ".b"], 1, 1, k)
                 up_c.append((c_up, c_conv))
-        h, c_on = L.group_norm_silu_forward(h, P["out.norm.gamma"], P["out.norm.beta"], self.groups, GN_EPS,
-                                            backend=k)
-        out, c_oc = L.conv2d_forward(h, P["out.conv.w"], P["out.conv.b"], 1, 1, backend=k)
+        h, c_on = L._gn_silu(h, P["out.norm.gamma"], P["out.norm.beta"], self.groups, GN_EPS, True, k)
+        out, c_oc = L._conv2d(h, P["out.conv.w"], P["out.conv.b"], 1, 1, k)
         if not keep:
             return out, None
         cache = {

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from difnumpy._validation import PREDICTION_TYPES, as_generator, check_choice, check_float_array
 from difnumpy.diffusion import _check_schedule
 from difnumpy.kernels import get_backend
-from difnumpy.samplers.loop import _resolve_backend, make_model_fn
+from difnumpy.samplers.loop import _resolve_backend, frozen_model, make_model_fn
 from difnumpy.samplers.steps import _x0_coefficients, ddim_step
 from difnumpy.schedules import Schedule
 
@@ -241,16 +241,17 @@ def inpaint(model: Callable, schedule: Schedule, x_known: np.ndarray, mask, *, n
     x = noise()
     t_last = int(ts[0]) + step
     it = tqdm(ts, desc="repaint", unit="step") if progress else ts
-    for t in it:
-        t = int(t)
-        if t < t_last:  # a reverse step t -> t - step, then the known region pasted in at that level
-            prev = t - step if t - step >= 0 else -1
-            out = model_fn(x, np.full(n, t, dtype=np.int64))
-            x, _ = ddim_step(schedule, out, t, prev, x, eta=eta, rng=rng if eta > 0 else None, backend=backend,
-                             **step_kw)
-            kern.blend_(x, forward(known, _abar(schedule, prev)), mask_n)
-        else:  # a resampling jump up, from level t_last - step to level t - step
-            x = forward(x, _abar(schedule, t - step) / _abar(schedule, t_last - step))
-        t_last = t
+    with frozen_model(model):
+        for t in it:
+            t = int(t)
+            if t < t_last:  # a reverse step t -> t - step, then the known region pasted in at that level
+                prev = t - step if t - step >= 0 else -1
+                out = model_fn(x, np.full(n, t, dtype=np.int64))
+                x, _ = ddim_step(schedule, out, t, prev, x, eta=eta, rng=rng if eta > 0 else None, backend=backend,
+                                 **step_kw)
+                kern.blend_(x, forward(known, _abar(schedule, prev)), mask_n)
+            else:  # a resampling jump up, from level t_last - step to level t - step
+                x = forward(x, _abar(schedule, t - step) / _abar(schedule, t_last - step))
+            t_last = t
     kern.blend_(x, known, mask_n)  # exactly x_known where mask == 1
     return kern.to_host(x)

@@ -7,6 +7,7 @@ out; class labels and classifier-free guidance inside it), then runs the method'
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Callable, Iterator
 
@@ -95,6 +96,13 @@ def guided_output(out_c, out_u, guidance_scale: float, guidance_rescale: float =
         flat = g.reshape(n, gh.shape[1])
         g = kern.q_sample(flat, flat, factor, np.zeros(n)).reshape(tuple(int(s) for s in g.shape))
     return g
+
+
+def frozen_model(model: Callable):
+    """``model.frozen()`` (parameters unchanged for the scope, see :meth:`difnumpy.UNet.frozen`) when the model
+    has it, else a no-op context: every sampling loop runs inside it."""
+    frozen = getattr(model, "frozen", None)
+    return frozen() if callable(frozen) else contextlib.nullcontext()
 
 
 def make_model_fn(model: Callable, backend: str, class_labels=None, guidance_scale: float = 1.0,
@@ -239,27 +247,28 @@ def _reverse_process(model, schedule, shape, *, method, num_steps, eta, spacing,
     n = int(x.shape[0])
     model_fn = make_model_fn(model, backend, class_labels, guidance_scale, guidance_rescale, n,
                              step_kw.get("variance_type"))
-    if solver:
-        gen = solvers.solve(method, model_fn, schedule, x, num_steps=num_steps, spacing=spacing, rng=rng,
-                            backend=backend, start=n_skip, **step_kw)
+    with frozen_model(model):
+        if solver:
+            gen = solvers.solve(method, model_fn, schedule, x, num_steps=num_steps, spacing=spacing, rng=rng,
+                                backend=backend, start=n_skip, **step_kw)
+            if progress:
+                gen = tqdm(gen, total=num_steps - n_skip, desc=f"{method} sampling", unit="step")
+            yield from gen
+            return
+        it = range(n_skip, len(timesteps))
         if progress:
-            gen = tqdm(gen, total=num_steps - n_skip, desc=f"{method} sampling", unit="step")
-        yield from gen
-        return
-    it = range(n_skip, len(timesteps))
-    if progress:
-        it = tqdm(it, desc=f"{method} sampling", unit="step")
-    for i in it:
-        t = int(timesteps[i])
-        prev_t = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
-        t_batch = np.full(n, t, dtype=np.int64)
-        out = model_fn(x, t_batch)
-        if method == "ddpm":
-            x, x0 = ddpm_step(schedule, out, t_batch, x, prev_t=prev_t, rng=rng, backend=backend, **step_kw)
-        else:
-            x, x0 = ddim_step(schedule, out, t_batch, prev_t, x, eta=eta, rng=rng if eta > 0 else None,
-                              backend=backend, **step_kw)
-        yield t, prev_t, x, x0
+            it = tqdm(it, desc=f"{method} sampling", unit="step")
+        for i in it:
+            t = int(timesteps[i])
+            prev_t = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
+            t_batch = np.full(n, t, dtype=np.int64)
+            out = model_fn(x, t_batch)
+            if method == "ddpm":
+                x, x0 = ddpm_step(schedule, out, t_batch, x, prev_t=prev_t, rng=rng, backend=backend, **step_kw)
+            else:
+                x, x0 = ddim_step(schedule, out, t_batch, prev_t, x, eta=eta, rng=rng if eta > 0 else None,
+                                  backend=backend, **step_kw)
+            yield t, prev_t, x, x0
 
 
 _LOOP_DOC = """
@@ -403,21 +412,22 @@ def ddim_invert(model: Callable, schedule: Schedule, x0: np.ndarray, num_steps: 
     it = timesteps
     if progress:
         it = tqdm(it, desc="ddim inversion", unit="step")
-    for t in it:
-        t = int(t)
-        t_batch = np.full(n, t, dtype=np.int64)
-        out = model(x, t_batch)
-        abar_t = float(schedule.alphas_cumprod[t])
-        # the model reads x as a sample at t: convert its output to eps there
-        if prediction_type == "epsilon":
-            eps = out
-        elif prediction_type == "sample":
-            eps = (x - np.sqrt(abar_t) * out) / np.sqrt(1.0 - abar_t)
-        else:
-            eps = np.sqrt(1.0 - abar_t) * x + np.sqrt(abar_t) * out
-        x0_pred = (x - np.sqrt(1.0 - abar_prev) * eps) / np.sqrt(abar_prev)
-        x = (np.sqrt(abar_t) * x0_pred + np.sqrt(1.0 - abar_t) * eps).astype(x0.dtype, copy=False)
-        abar_prev = abar_t
-        if traj is not None:
-            traj.append(x)
+    with frozen_model(model):
+        for t in it:
+            t = int(t)
+            t_batch = np.full(n, t, dtype=np.int64)
+            out = model(x, t_batch)
+            abar_t = float(schedule.alphas_cumprod[t])
+            # the model reads x as a sample at t: convert its output to eps there
+            if prediction_type == "epsilon":
+                eps = out
+            elif prediction_type == "sample":
+                eps = (x - np.sqrt(abar_t) * out) / np.sqrt(1.0 - abar_t)
+            else:
+                eps = np.sqrt(1.0 - abar_t) * x + np.sqrt(abar_t) * out
+            x0_pred = (x - np.sqrt(1.0 - abar_prev) * eps) / np.sqrt(abar_prev)
+            x = (np.sqrt(abar_t) * x0_pred + np.sqrt(1.0 - abar_t) * eps).astype(x0.dtype, copy=False)
+            abar_prev = abar_t
+            if traj is not None:
+                traj.append(x)
     return (x, traj) if return_trajectory else x

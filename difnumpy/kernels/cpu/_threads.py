@@ -75,7 +75,44 @@ class _BlasOneThread:
         return False
 
 
-def step_scope():
+# ---- arrays derived from weights (Winograd-transformed filters), computed once per pass ----
+# A model pass reads its weights and never writes them, so what a kernel derives from a weight array
+# (the F(2x2, 3x3) transform G w G^T) can be computed once per pass instead of once per call and per
+# batch share. The store is this thread's while a pass runs (and the pass's shares', which run_shares
+# hands it); a frozen model (UNet.frozen, the sampling loops) passes its own store, which lives as long
+# as its read-only scope. Entries are keyed by (tag, id(w)) and keep ``w`` itself: a hit needs the very
+# same array object, so a replaced parameter never meets a stale entry.
+_DERIVED = threading.local()  # .store: dict (tag, id(w)) -> (w, derived array), or None
+_DERIVED_LOCK = threading.Lock()  # one computation per entry when two shares miss it at once
+
+
+def derived(tag: str, w, compute):
+    """``compute()``, or the array it gave for the same ``tag`` and the same array ``w`` in this pass."""
+    store = getattr(_DERIVED, "store", None)
+    if store is None:
+        return compute()
+    key = (tag, id(w))
+    hit = store.get(key)
+    if hit is None or hit[0] is not w:
+        with _DERIVED_LOCK:
+            hit = store.get(key)
+            if hit is None or hit[0] is not w:
+                hit = store[key] = (w, compute())
+    return hit[1]
+
+
+@contextlib.contextmanager
+def _derived_store(store):
+    prev = getattr(_DERIVED, "store", None)
+    _DERIVED.store = store
+    try:
+        yield
+    finally:
+        _DERIVED.store = prev
+
+
+@contextlib.contextmanager
+def step_scope(store: dict | None = None):
     """Context for a whole model pass on this backend (used by :class:`difnumpy.nn.unet.UNet`).
 
     It holds BLAS to one thread for the whole forward or backward pass, not only inside each kernel: a
@@ -84,8 +121,13 @@ def step_scope():
     needed (8x8 training step 2.3x slower, measured). With one numba thread too: there the small GEMMs
     on two BLAS threads made a batch-128 8x8 forward pass 2x slower (76 vs 39 ms; the linear layers 24
     vs 1 ms, measured 2026-11-30).
+
+    It also opens the pass's store of derived weights (:func:`derived`): ``store`` (a dict the caller
+    keeps, valid only while the weights stay unchanged, e.g. a frozen model's) or a fresh one.
+    The weights must not change while the scope is open.
     """
-    return _BlasOneThread(_nthreads())
+    with _BlasOneThread(_nthreads()), _derived_store({} if store is None else store):
+        yield
 
 
 # ---- the worker pool and kernel-level splitting ----
@@ -186,12 +228,15 @@ class _Counter:
             self._next = self._end
 
 
-def _worker(fn, shares, counter, results, errors):
-    """Run the shares ``counter`` hands out until none is left (the kernels single-threaded)."""
+def _worker(fn, shares, counter, results, errors, store):
+    """Run the shares ``counter`` hands out until none is left (the kernels single-threaded, the caller's
+    store of derived weights in use)."""
     prev = numba.get_num_threads()  # thread-local in numba: kernels called by fn run serially
     prev_active = getattr(_SHARE, "active", False)
+    prev_store = getattr(_DERIVED, "store", None)
     numba.set_num_threads(1)
     _SHARE.active = True
+    _DERIVED.store = store
     try:
         while True:
             k = counter.take()
@@ -206,6 +251,7 @@ def _worker(fn, shares, counter, results, errors):
                 raise
     finally:
         _SHARE.active = prev_active
+        _DERIVED.store = prev_store
         numba.set_num_threads(prev)
 
 
@@ -224,9 +270,10 @@ def run_shares(fn, shares):
     results = [None] * len(shares)
     errors = [None] * len(shares)
     counter = _Counter(len(shares))
-    futs = [_pool(nt - 1).submit(_worker, fn, shares, counter, results, errors) for _ in range(nt - 1)]
+    store = getattr(_DERIVED, "store", None)
+    futs = [_pool(nt - 1).submit(_worker, fn, shares, counter, results, errors, store) for _ in range(nt - 1)]
     try:
-        _worker(fn, shares, counter, results, errors)
+        _worker(fn, shares, counter, results, errors, store)
     finally:
         for f in futs:
             f.result()

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from difnumpy.kernels.cpu import _threads
-from difnumpy.kernels.cpu.winograd import _wino_backward_weight, _wino_forward
+from difnumpy.kernels.cpu.winograd import _wino_backward_weight, _wino_forward, _wino_transform
 
 USE_WINOGRAD = True  # False: 3x3 stride-1 convs use the im2col path (read by _conv_mode; tests patch it here)
 _CHUNK_COLS = 1024  # at most this many columns in the per-chunk column matrix ...
@@ -199,7 +199,8 @@ def _conv_forward_impl(x, w, b, stride, padding):
     Wo = (W + 2 * padding - KW) // stride + 1
     mode = _conv_mode(KH, KW, stride, padding)
     if mode == 3:
-        return _wino_forward(x, w, b)
+        # the filters' transform once per pass (or per frozen scope), not once per call and share
+        return _wino_forward(x, _threads.derived("wino", w, lambda: _wino_transform(w)), b)
     if mode == 1:
         out = np.empty((N, F, Ho, Wo), x.dtype)
         _threads._run_split(_conv1x1_fwd_kernel, min(_threads._nthreads(), N), True, x,
@@ -322,8 +323,12 @@ def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, strid
     stride, padding = int(stride), int(padding)
     mode = _conv_mode(KH, KW, stride, padding)
     if mode != 2:
-        wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        return _conv_forward_impl(dout, wt, np.zeros(C, dout.dtype), 1, padding)
+        def flipped():
+            return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        if mode == 3:  # the flipped filters' transform, kept for the pass under w's own identity
+            Ub = _threads.derived("wino_flipped", w, lambda: _wino_transform(flipped()))
+            return _wino_forward(dout, Ub, np.zeros(C, dout.dtype))
+        return _conv_forward_impl(dout, flipped(), np.zeros(C, dout.dtype), 1, padding)
     Ho, Wo = dout.shape[2], dout.shape[3]
     G = _chunk(Ho * Wo, N, max(F, C * KH * KW), dout.itemsize)
     nt = min(_threads._nthreads(), (N + G - 1) // G)

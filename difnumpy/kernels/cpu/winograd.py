@@ -273,7 +273,7 @@ def _gt_rows(u0, u1, u2, u3, h):
     return u0 + h * (u1 + u2), h * (u1 - u2), h * (u1 + u2) + u3
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _wino_weights(w, Ub):
     """Ub[4k + l, c*F + f] = (G w[f, c] G^T)[k, l]: plane k of ``Ub`` (16, >= C*F) is U[k]^T, shape (C, F).
 
@@ -297,7 +297,7 @@ def _wino_weights(w, Ub):
             Ub[12, q], Ub[13, q], Ub[14, q], Ub[15, q] = _g_rows(a3, b3, c3, h)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _wino_weight_grad(dUb, dw):
     """dw[f, c] = G^T dU[f, c] G, the adjoint of :func:`_wino_weights`; plane 4k + l of ``dUb`` is dU[k, l] (F, C)."""
     F, C = dw.shape[0], dw.shape[1]
@@ -321,12 +321,20 @@ def _wino_chunk(TT, N, C, F, itemsize):
     return max(1, min(N, tiles // TT))
 
 
-def _wino_forward(x, w, b):
-    N, C, H, W = x.shape
-    F = w.shape[0]
-    th, tw = (H + 1) // 2, (W + 1) // 2
-    Ub = np.empty((16, C * F + _WINO_PAD), x.dtype)
+def _wino_transform(w):
+    """The transformed filters of ``w`` (F, C, 3, 3): ``Ub`` (16, C*F + pad), plane k = U[k]^T (C, F)."""
+    F, C = w.shape[0], w.shape[1]
+    Ub = np.empty((16, C * F + _WINO_PAD), w.dtype)
     _wino_weights(w, Ub)
+    return Ub
+
+
+def _wino_forward(x, Ub, b):
+    """Winograd forward conv of ``x`` (N, C, H, W) with the transformed filters ``Ub`` (:func:`_wino_transform`)
+    and the bias ``b`` (F,)."""
+    N, C, H, W = x.shape
+    F = b.shape[0]
+    th, tw = (H + 1) // 2, (W + 1) // 2
     G = _wino_chunk(th * tw, N, C, F, x.itemsize)
     nt = min(_threads._nthreads(), (N + G - 1) // G)
     out = np.empty((N, F, H, W), x.dtype)
