@@ -83,6 +83,29 @@ def test_winograd_conv_matches_reference_and_im2col(case, dtype, monkeypatch):
         _close(i, r, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [(1, 40, 27, 29, 40), (2, 64, 28, 28, 64)])
+def test_winograd_forward_in_bands_of_tile_rows(case, dtype, monkeypatch):
+    """Images whose tiles exceed the L2 budget are computed in bands of tile rows: the same result as the
+    reference and the same bits as one band per image (odd sizes: partial tiles at a band's last row)."""
+    N, C, H, W, F = case
+    th, tw = (H + 1) // 2, (W + 1) // 2
+    assert cpu_wino._wino_chunk(th * tw, N, C, F, np.dtype(dtype).itemsize) == 1
+    assert cpu_wino._wino_bands(th, tw, C, F, np.dtype(dtype).itemsize) >= 2
+    rng = np.random.default_rng(sum(case))
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, 3, 3)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    dout = rng.standard_normal((N, F, H, W)).astype(dtype)
+    got = cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1)
+    _close(got[0], ref.conv2d_forward(x, w, b, 1, 1), dtype)
+    _close(got[1], ref.conv2d_backward_input(dout, w, x.shape, 1, 1), dtype)
+    monkeypatch.setattr(cpu_wino, "_wino_bands", lambda *a: 1)
+    one_band = cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1)
+    for g, o in zip(got, one_band):
+        np.testing.assert_array_equal(g, o)
+
+
 def test_winograd_transform_matrices_reproduce_a_direct_tile():
     """Y = A^T [(G g G^T) * (B^T d B)] A equals the 2x2 valid correlation of one 4x4 tile (Lavin & Gray eq. 8)."""
     rng = np.random.default_rng(1)
@@ -170,7 +193,8 @@ def test_group_norm_silu_parallel_path_matches_reference(silu, dtype, nthreads, 
     """Above _GN_PARALLEL_MIN elements the (image, group) blocks are split over the threads: the split
     path agrees with the twin and with the one-thread path bit for bit (whatever the machine's cores:
     the kernels' threads are a pool of Python threads)."""
-    shape, groups = (5, 16, 32, 32), 4  # 81,920 elements, above the threshold
+    shape, groups = (5, 16, 32, 32), 4  # 81,920 elements, above the threshold set here
+    monkeypatch.setattr(cpu_gn, "_GN_PARALLEL_MIN", 1 << 16)
     assert np.prod(shape) >= cpu_gn._GN_PARALLEL_MIN
     rng = np.random.default_rng(7)
     x = (2.0 * rng.standard_normal(shape) - 0.5).astype(dtype)

@@ -21,6 +21,31 @@ DTYPES = [np.float32, np.float64]
 NUMBA_THREADS = int(numba.config.NUMBA_NUM_THREADS)
 
 
+@pytest.fixture(autouse=True)
+def _split_small_calls(monkeypatch):
+    """The cases here are small: let every kernel call share its work (the path under test), whatever its size."""
+    monkeypatch.setattr(_threads, "SPLIT_MIN_FLOPS", 0.0)
+
+
+def test_small_kernel_calls_stay_on_one_thread(monkeypatch):
+    """Below SPLIT_MIN_FLOPS a call runs on one thread (a worker's wake-up would cost more than it saves);
+    from it on, on up to one thread per unit of work."""
+    monkeypatch.setattr(_threads, "SPLIT_MIN_FLOPS", 4e7)
+    monkeypatch.setattr(_threads, "_nthreads", lambda: 4)
+    assert _threads._split_threads(8, 3.9e7) == 1
+    assert _threads._split_threads(8, 4e7) == 4
+    assert _threads._split_threads(3, 1e9) == 3
+    calls = []
+    real = _threads._run_split
+    monkeypatch.setattr(_threads, "_run_split", lambda k, nt, *a: (calls.append(nt), real(k, nt, *a))[1])
+    rng = np.random.default_rng(0)
+    small = rng.standard_normal((4, 8, 8, 8)).astype(np.float32)  # 4 images: 4 units, ~0.6 MFLOP
+    cpu.conv2d_forward(small, rng.standard_normal((8, 8, 3, 3)).astype(np.float32), np.zeros(8, np.float32), 1, 1)
+    big = rng.standard_normal((4, 64, 28, 28)).astype(np.float32)  # ~100 MFLOP in 8 units (4 images, 2 bands)
+    cpu.conv2d_forward(big, rng.standard_normal((64, 64, 3, 3)).astype(np.float32), np.zeros(64, np.float32), 1, 1)
+    assert calls == [1, 4]
+
+
 def _set_threads_patched(monkeypatch, k):
     monkeypatch.setattr(_threads, "_nthreads", lambda: k)
 
@@ -111,7 +136,8 @@ def test_reduction_parts_do_not_depend_on_threads(monkeypatch):
 @pytest.mark.parametrize("way", WAYS, ids=lambda w: f"{w[0]}{w[1]}")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_group_norm_same_bits_with_any_thread_count(dtype, way, monkeypatch):
-    shape, groups = (6, 8, 48, 32), 2  # above _GN_PARALLEL_MIN: the split path
+    shape, groups = (6, 8, 48, 32), 2  # above _GN_PARALLEL_MIN as set here: the split path
+    monkeypatch.setattr(cpu_gn, "_GN_PARALLEL_MIN", 1 << 16)
     assert np.prod(shape) >= cpu_gn._GN_PARALLEL_MIN
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)

@@ -147,6 +147,17 @@ def _pool(workers):
 _SHARE = threading.local()  # .active: this thread is running a batch share (its kernels run serially)
 
 
+#: flops of a kernel call (~0.4 ms on one thread) from which its work is shared by the threads: waking a
+#: pool worker and collecting it costs ~0.1 ms each way on the 2-core VM (measured), so smaller calls (the
+#: convs of a batch of 1-7 images, which runs as one pass) are faster on one thread
+SPLIT_MIN_FLOPS = 4e7
+
+
+def _split_threads(units: int, flops: float) -> int:
+    """Threads for a kernel call of ``units`` independent units of work and about ``flops`` flops."""
+    return min(_nthreads(), units) if flops >= SPLIT_MIN_FLOPS else 1
+
+
 def _run_split(kernel, nt, blas, *args):
     """Run ``kernel(*args, t, nt)`` for ``t = 0 .. nt-1`` concurrently (share 0 in this thread).
 

@@ -203,12 +203,12 @@ def _conv_forward_impl(x, w, b, stride, padding):
         return _wino_forward(x, _threads.derived("wino", w, lambda: _wino_transform(w)), b)
     if mode == 1:
         out = np.empty((N, F, Ho, Wo), x.dtype)
-        _threads._run_split(_conv1x1_fwd_kernel, min(_threads._nthreads(), N), True, x,
+        _threads._run_split(_conv1x1_fwd_kernel, _threads._split_threads(N, 2.0 * N * Ho * Wo * C * F), True, x,
                             np.ascontiguousarray(w.reshape(F, C)), b, out)
         return out
     Wr = W + padding if mode == 0 else Wo
     G = _chunk(Ho * Wr, N, C * KH * KW, x.itemsize)
-    nt = min(_threads._nthreads(), (N + G - 1) // G)
+    nt = _threads._split_threads((N + G - 1) // G, 2.0 * N * Ho * Wr * C * KH * KW * F)
     out = np.empty((N, F, Ho, Wo), x.dtype)
     w2 = np.ascontiguousarray(w.reshape(F, C * KH * KW))
     _threads._run_split(_conv_fwd_kernel, nt, True, x, w2, np.ascontiguousarray(b), mode, KH, KW, stride,
@@ -331,7 +331,7 @@ def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, strid
         return _conv_forward_impl(dout, flipped(), np.zeros(C, dout.dtype), 1, padding)
     Ho, Wo = dout.shape[2], dout.shape[3]
     G = _chunk(Ho * Wo, N, max(F, C * KH * KW), dout.itemsize)
-    nt = min(_threads._nthreads(), (N + G - 1) // G)
+    nt = _threads._split_threads((N + G - 1) // G, 2.0 * N * Ho * Wo * C * KH * KW * F)
     w2t = np.ascontiguousarray(w.reshape(F, C * KH * KW).T)
     dx = np.empty((N, C, H, W), dout.dtype)
     _threads._run_split(_conv_bwd_input_general, nt, True, dout, w2t, KH, KW, stride, padding, H, W, G, dx)
@@ -419,8 +419,8 @@ def conv2d_backward_weight(dout: np.ndarray, x: np.ndarray, w_shape: tuple, stri
         P = _threads._parts(N)  # fixed parts of images, summed in part order (any thread count: same bits)
         dw_parts = (np.empty if N else np.zeros)((P, F, C), x.dtype)  # each part's first image writes it whole
         db_parts = np.zeros((P, F), np.float64)
-        _threads._run_split(_conv1x1_bwd_weight_kernel, min(_threads._nthreads(), P), True, dout, x,
-                            dw_parts, db_parts)
+        _threads._run_split(_conv1x1_bwd_weight_kernel, _threads._split_threads(P, 2.0 * N * H * W * C * F), True,
+                            dout, x, dw_parts, db_parts)
         dw = dw_parts.sum(axis=0) if P > 1 else dw_parts[0]
         return dw.reshape(F, C, 1, 1).astype(x.dtype), db_parts.sum(axis=0).astype(x.dtype)
     Wr = W + padding if mode == 0 else Wo
@@ -428,8 +428,9 @@ def conv2d_backward_weight(dout: np.ndarray, x: np.ndarray, w_shape: tuple, stri
     P = _threads._parts((N + G - 1) // G)  # fixed parts of chunks, summed in part order
     dw_parts = (np.empty if N else np.zeros)((P, F, C * KH * KW), x.dtype)  # each part's first chunk writes it
     db_parts = np.zeros((P, F), np.float64)
-    _threads._run_split(_conv_bwd_weight_kernel, min(_threads._nthreads(), P), True, dout, x, mode, KH, KW,
-                        stride, padding, Ho, Wo, Wr, G, _xp_len(mode, H, W, padding), dw_parts, db_parts)
+    _threads._run_split(_conv_bwd_weight_kernel, _threads._split_threads(P, 2.0 * N * Ho * Wr * C * KH * KW * F),
+                        True, dout, x, mode, KH, KW, stride, padding, Ho, Wo, Wr, G, _xp_len(mode, H, W, padding),
+                        dw_parts, db_parts)
     dw = dw_parts.sum(axis=0) if P > 1 else dw_parts[0]
     return (np.ascontiguousarray(dw.reshape(F, C, KH, KW), dtype=x.dtype),
             db_parts.sum(axis=0).astype(x.dtype))

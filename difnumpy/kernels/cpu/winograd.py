@@ -49,11 +49,13 @@ def _sum3(a, b, sb, d, sd, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _wino_input(xn, th, tw, xh, rt, Vf, PV, p0):
-    """V[k][p0 + ti*tw + tj, :] = (B^T d B)[k] for every 4x4 tile of image ``xn`` (C, H, W).
+def _wino_input(xn, th, tw, ti0, ti1, xh, rt, Vf, PV, p0):
+    """V[k][p0 + (ti - ti0)*tw + tj, :] = (B^T d B)[k] for the 4x4 tiles of tile rows ti0 <= ti < ti1 of
+    image ``xn`` (C, H, W).
 
     ``xh``: (2*th+2) rows of (2*tw+2) pixels x C, zero border, columns 2J and 2J+1 stored at J and
-    tw+1+J; ``rt``: 4 rows scratch; plane k of V starts at ``Vf[k * PV]``, row p at ``p * C``.
+    tw+1+J (only the rows these tiles read are written); ``rt``: 4 rows scratch; plane k of V starts at
+    ``Vf[k * PV]``, row p at ``p * C``.
     """
     C, H, W = xn.shape
     Wp = 2 * tw + 2
@@ -61,14 +63,14 @@ def _wino_input(xn, th, tw, xh, rt, Vf, PV, p0):
     RC = Wp * C
     L = tw * C
     one = xh.dtype.type(1.0)
-    for i in range(H):
+    for i in range(max(0, 2 * ti0 - 1), min(H, 2 * ti1 + 1)):
         for j in range(W):
             jj = j + 1
             o = (i + 1) * RC + ((jj & 1) * half + (jj >> 1)) * C
             row = xh[o:o + C]
             for c in range(C):
                 row[c] = xn[c, i, j]
-    for ti in range(th):
+    for ti in range(ti0, ti1):
         r = 2 * ti * RC
         d0 = xh[r:r + RC]
         d1 = xh[r + RC:r + 2 * RC]
@@ -80,7 +82,7 @@ def _wino_input(xn, th, tw, xh, rt, Vf, PV, p0):
         _axpby(d2, one, d1, -one, rt[2 * RC:3 * RC])
         _axpby(d1, one, d3, -one, rt[3 * RC:4 * RC])
         # (.) B (columns a0..a3 = even[J], odd[J], even[J+1], odd[J+1]): a0 - a2, a1 + a2, a2 - a1, a1 - a3
-        o = (p0 + ti * tw) * C
+        o = (p0 + (ti - ti0) * tw) * C
         for q in range(4):
             e = q * RC
             od = e + half * C
@@ -96,25 +98,31 @@ def _wino_input(xn, th, tw, xh, rt, Vf, PV, p0):
 
 
 @numba.njit(cache=True, nogil=True)
-def _wino_fwd_kernel(x, Ub, F, b, th, tw, G, out, t, nthreads):
+def _wino_fwd_kernel(x, Ub, F, b, th, tw, G, nb, out, t, nthreads):
+    """Units of work: chunks of G images, each cut in ``nb`` bands of tile rows (``nb > 1`` only for
+    G = 1: one image shared by the threads); thread ``t`` computes units t, t + nt, ..."""
     N, C, H, W = x.shape
-    TT = th * tw
     nchunks = (N + G - 1) // G
-    PV = G * TT * C + _WINO_PAD
-    PM = G * TT * F + _WINO_PAD
+    TTb = ((th + nb - 1) // nb) * tw  # tiles of one image in one band, at most
+    PV = G * TTb * C + _WINO_PAD
+    PM = G * TTb * F + _WINO_PAD
     xh = np.zeros((2 * th + 2) * (2 * tw + 2) * C, x.dtype)
     rt = np.empty(4 * (2 * tw + 2) * C, x.dtype)
     Vf = np.empty(16 * PV, x.dtype)
     Mf = np.empty(16 * PM, x.dtype)
     Sf = np.empty(8 * PM, x.dtype)
     one = x.dtype.type(1.0)
-    for ch in range(t, nchunks, nthreads):
+    for u in range(t, nchunks * nb, nthreads):
+        ch = u // nb
+        ti0 = th * (u - ch * nb) // nb
+        ti1 = th * (u - ch * nb + 1) // nb
+        TT = (ti1 - ti0) * tw
         n0 = ch * G
         g = min(G, N - n0)
         T = g * TT
         FT = F * T
         for gg in range(g):
-            _wino_input(x[n0 + gg], th, tw, xh, rt, Vf, PV, gg * TT)
+            _wino_input(x[n0 + gg], th, tw, ti0, ti1, xh, rt, Vf, PV, gg * TT)
         for k in range(16):
             # M[k] (T, F) = V[k] (T, C) @ U[k]^T (C, F); (F, T) = U @ V^T measured 1.8x slower in OpenBLAS
             np.dot(Vf[k * PV:k * PV + T * C].reshape(T, C), Ub[k, :C * F].reshape(C, F),
@@ -135,8 +143,8 @@ def _wino_fwd_kernel(x, Ub, F, b, th, tw, G, out, t, nthreads):
         # out[n, f, 2ti + a, 2tj + b] = Y_{ab}[tile, f] + b[f]
         for gg in range(g):
             on = out[n0 + gg]
-            for i in range(H):
-                s = 2 * (i & 1) * PM + (gg * TT + (i >> 1) * tw) * F
+            for i in range(2 * ti0, min(H, 2 * ti1)):
+                s = 2 * (i & 1) * PM + (gg * TT + ((i >> 1) - ti0) * tw) * F
                 for j in range(W):
                     o = s + (j & 1) * PM + (j >> 1) * F
                     src = Mf[o:o + F]
@@ -231,7 +239,7 @@ def _wino_bwd_weight_chunk(dout, x, th, tw, G, ch, first, dU, xh, rt, Vf, Yf, Rf
     T = g * TT
     FT = F * T
     for gg in range(g):
-        _wino_input(x[n0 + gg], th, tw, xh, rt, Vf, PV, gg * TT)
+        _wino_input(x[n0 + gg], th, tw, 0, th, xh, rt, Vf, PV, gg * TT)
         _wino_dy_tiles(dout[n0 + gg], th, tw, Yf, PM, T, gg * TT)
     # A dY (rows): R_{0b} = y_{0b}, R_{1b} = y_{0b} + y_{1b}, R_{2b} = y_{0b} - y_{1b}, R_{3b} = -y_{1b}
     for bb in range(2):
@@ -315,10 +323,21 @@ def _wino_weight_grad(dUb, dw):
             dw[f, c, 2, 0], dw[f, c, 2, 1], dw[f, c, 2, 2] = _gt_rows(p2, q2, r2, s2, h)
 
 
+def _wino_tiles(C, F, itemsize):
+    """Tiles per unit of work: its 16 planes of C + F rows take about 1 MiB (they stay in L2)."""
+    return max(32, min(2 * _WINO_TILES, (1 << 20) // (16 * itemsize * max(C + F, 1))))
+
+
 def _wino_chunk(TT, N, C, F, itemsize):
-    """Images per chunk: the chunk's 16 planes of C + F rows take about 1 MiB (they stay in L2)."""
-    tiles = max(32, min(2 * _WINO_TILES, (1 << 20) // (16 * itemsize * max(C + F, 1))))
-    return max(1, min(N, tiles // TT))
+    """Images per chunk (:func:`_wino_tiles` tiles, whole images, at least one)."""
+    return max(1, min(N, _wino_tiles(C, F, itemsize) // TT))
+
+
+def _wino_bands(th, tw, C, F, itemsize):
+    """Bands of tile rows per image for the forward kernel: more than one where one image's tiles exceed
+    :func:`_wino_tiles` (64 -> 64 channels at 28x28: 196 tiles for 128; its planes spilled out of L2, and
+    in two bands the conv ran at twice the rate). A function of the shapes only."""
+    return max(1, min(th, -(-(th * tw) // _wino_tiles(C, F, itemsize))))
 
 
 def _wino_transform(w):
@@ -336,9 +355,11 @@ def _wino_forward(x, Ub, b):
     F = b.shape[0]
     th, tw = (H + 1) // 2, (W + 1) // 2
     G = _wino_chunk(th * tw, N, C, F, x.itemsize)
-    nt = min(_threads._nthreads(), (N + G - 1) // G)
+    nb = _wino_bands(th, tw, C, F, x.itemsize) if G == 1 else 1
+    units = (N + G - 1) // G * nb
+    nt = _threads._split_threads(units, 32.0 * N * th * tw * C * F)  # the 16 GEMMs' flops
     out = np.empty((N, F, H, W), x.dtype)
-    _threads._run_split(_wino_fwd_kernel, nt, True, x, Ub, F, b, th, tw, G, out)
+    _threads._run_split(_wino_fwd_kernel, nt, True, x, Ub, F, b, th, tw, G, nb, out)
     return out
 
 
@@ -350,7 +371,8 @@ def _wino_backward_weight(dout, x):
     nchunks = (N + G - 1) // G
     P = _threads._parts(nchunks)  # fixed parts, summed in part order: the same bits with any thread count
     dU_parts = (np.empty if N else np.zeros)((P, 16, F * C + _WINO_PAD), x.dtype)  # each part's first chunk writes it
-    _threads._run_split(_wino_bwd_weight_kernel, min(_threads._nthreads(), P), True, dout, x, th, tw, G, dU_parts)
+    _threads._run_split(_wino_bwd_weight_kernel, _threads._split_threads(P, 32.0 * N * th * tw * C * F), True,
+                        dout, x, th, tw, G, dU_parts)
     dw = np.empty((F, C, 3, 3), x.dtype)
     _wino_weight_grad(dU_parts[0] if P == 1 else dU_parts[:, :, :F * C].sum(axis=0), dw)
     # per-plane float32 sums over the contiguous H*W axis, then float64 over N (fast; (0, 2, 3) is not)
