@@ -388,6 +388,11 @@ def test_frozen_model_never_uses_a_replaced_parameters_transform(rng):
         m.params["stem.w"] = m.params["stem.w"].copy()  # assigned inside the scope: read-only from the next call
         m(x, 7)
         assert not m.params["stem.w"].flags.writeable
+        good = m.params["stem.w"]
+        m.params["stem.w"] = good[:4]  # the parameters are checked again once they are other arrays
+        with pytest.raises(ValueError, match="stem.w"):
+            m(x, 7)
+        m.params["stem.w"] = good
     assert m.params["stem.w"].flags.writeable
 
 

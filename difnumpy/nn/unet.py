@@ -138,7 +138,8 @@ class UNet:
             raise ValueError(f"groups={self.groups} must divide every GroupNorm channel count "
                              f"{sorted(set(self._norm_channels))}; it does not divide {bad}")
         self.params: dict[str, np.ndarray] = {}
-        self._frozen: list | None = None  # while frozen: [store of derived weights, arrays made read-only]
+        # while frozen: [store of derived weights, arrays made read-only, (param ids, checked params) | None]
+        self._frozen: list | None = None
         self._init_params(rng)
 
     # ---------------------------------------------------------------- construction
@@ -373,6 +374,10 @@ class UNet:
         """The parameters as native arrays of the backend, checked once per pass (shape and dtype):
         the graph's layers then run unchecked (:mod:`difnumpy.nn.layers`' ``_conv2d`` etc.)."""
         k, P, out = self._kern, self.params, {}
+        if self._frozen is not None:  # the same arrays as at the last pass of the scope: checked then
+            ids = tuple(map(id, P.values()))
+            if self._frozen[2] is not None and self._frozen[2][0] == ids:
+                return self._frozen[2][1]
         for key, (shape, _) in self._shapes.items():
             a = P.get(key)
             if a is None:
@@ -384,6 +389,8 @@ class UNet:
             if np.dtype(a.dtype) != self.dtype:
                 raise TypeError(f"params[{key!r}] must have the model's dtype {self.dtype}, got {a.dtype}")
             out[key] = k.asarray(a)
+        if self._frozen is not None:
+            self._frozen[2] = (ids, out)
         return out
 
     def _res_forward(self, P: dict, key: str, has_skip: bool, x: np.ndarray, temb_act: np.ndarray, keep: bool):
@@ -433,12 +440,12 @@ class UNet:
         if self._frozen is not None:
             yield self
             return
-        self._frozen = [{}, []]
+        self._frozen = [{}, [], None]
         try:
             self._freeze_arrays()
             yield self
         finally:
-            store, arrays = self._frozen
+            store, arrays, _ = self._frozen
             self._frozen = None
             store.clear()
             for v in arrays:

@@ -28,6 +28,14 @@ def _gn_threads(size):
     return _threads._nthreads() if size >= _GN_PARALLEL_MIN else 1
 
 
+def _repeated(gamma, beta, HW, dtype):
+    """gamma and beta (C,) each repeated HW times (laid out like one image), once per pass (see
+    :func:`._threads.derived`: the parameters do not change during a pass) and shared by the threads."""
+    dtype = np.dtype(dtype)
+    return (_threads.derived(("gn", HW, dtype.str), gamma, lambda: np.repeat(np.asarray(gamma, dtype=dtype), HW)),
+            _threads.derived(("gn", HW, dtype.str), beta, lambda: np.repeat(np.asarray(beta, dtype=dtype), HW)))
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy")
 def _gn_fwd_kernel(x, ge, be, groups, eps, silu, fast, out, mean, rstd, t, nthreads):
     # ge, be: gamma and beta repeated H*W times (laid out like one image), so that every loop runs over
@@ -100,9 +108,7 @@ def group_norm_silu_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, 
     out = np.empty_like(x)
     mean = np.empty((N, groups), x.dtype)
     rstd = np.empty((N, groups), x.dtype)
-    HW = H * W  # per-channel parameters repeated once per call, shared by the threads' shares
-    ge = np.repeat(np.asarray(gamma, dtype=x.dtype), HW)
-    be = np.repeat(np.asarray(beta, dtype=x.dtype), HW)
+    ge, be = _repeated(gamma, beta, H * W, x.dtype)
     _threads._run_split(_gn_fwd_kernel, _gn_threads(x.size), False, x, ge, be, groups, float(eps), bool(silu),
                         x.dtype == np.float32, out, mean, rstd)
     return out, mean, rstd
@@ -205,9 +211,8 @@ def group_norm_silu_backward(dout: np.ndarray, x: np.ndarray, gamma: np.ndarray,
     dg_parts = np.empty((N, C), np.float64)
     db_parts = np.empty((N, C), np.float64)
     dt = x.dtype
+    ge, be = _repeated(gamma, beta, H * W, dt)
     gamma = np.ascontiguousarray(gamma, dtype=dt)
-    ge = np.repeat(gamma, H * W)
-    be = np.repeat(np.asarray(beta, dtype=dt), H * W)
     _threads._run_split(_gn_bwd_kernel, _gn_threads(x.size), False, dout, x, gamma, ge, be,
                         np.ascontiguousarray(mean, dtype=dt), np.ascontiguousarray(rstd, dtype=dt), groups,
                         bool(silu), dt == np.float32, dx, dg_parts, db_parts)
