@@ -313,14 +313,14 @@ def test_batch_split_reraises_a_failing_share():
 
 def _count_transforms(monkeypatch):
     """Count the Winograd filter transforms the cpu backend computes (forward and flipped)."""
-    import difnumpy.kernels.cpu.conv as conv
+    import difnumpy.kernels.cpu.winograd as wino
     calls = []
-    real = conv._wino_transform
+    real = wino._wino_transform
 
     def counting(w):
         calls.append(w.shape)
         return real(w)
-    monkeypatch.setattr(conv, "_wino_transform", counting)
+    monkeypatch.setattr(wino, "_wino_transform", counting)
     return calls
 
 
@@ -407,3 +407,43 @@ def test_sampling_loops_run_the_model_frozen(monkeypatch, rng):
     np.testing.assert_array_equal(got, want)
     assert len(calls) == _winograd_convs(m)  # one transform per filter for the 4 steps
     assert all(p.flags.writeable for p in m.params.values())
+
+
+# ---- the fused inference ResBlock of the cpu backend (issue 15) ----
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch,hw,nthreads", [(1, 8, 1), (16, 8, 2), (3, 28, 2), (2, 12, 1)])
+def test_fused_resblock_gives_the_unfused_bits(dtype, batch, hw, nthreads, monkeypatch, rng):
+    """cpu's resblock_forward runs the same kernels in the same order as the unfused graph: the same bits,
+    with and without a skip conv, in batch shares and in one pass; it declines (None) where a conv is big
+    enough to be shared out over the threads, and the graph then runs unfused."""
+    import numba
+    from difnumpy.kernels import cpu
+    from difnumpy.kernels.cpu import _threads
+    m = UNet(backend="cpu", dtype=dtype, rng=0)
+    _randomize(m, rng)
+    x = rng.standard_normal((batch, 1, hw, hw))
+    t = rng.integers(0, 1000, batch)
+    calls = []
+    real = cpu.resblock_forward
+
+    def counting(*a):
+        out = real(*a)
+        calls.append(out is not None)
+        return out
+    prev = numba.get_num_threads()
+    numba.set_num_threads(min(nthreads, numba.config.NUMBA_NUM_THREADS))
+    monkeypatch.setattr(_threads, "_nthreads", lambda: nthreads)  # the hook's choice whatever the machine
+    try:
+        monkeypatch.setattr(cpu, "resblock_forward", counting)
+        fused = m(x, t)
+        monkeypatch.setattr(cpu, "resblock_forward", None)
+        unfused = m(x, t)
+    finally:
+        numba.set_num_threads(prev)
+    np.testing.assert_array_equal(fused, unfused)
+    assert len(calls) == 5 * (2 if batch >= 8 else 1)  # every ResBlock of every share asked the hook
+    if hw == 28 and nthreads > 1:
+        assert not all(calls) and any(calls)  # the 96 -> 32 block at 28x28, 3 images: its convs shared out
+    else:
+        assert all(calls)

@@ -63,8 +63,10 @@ BACKEND_API: dict[str, str] = {
 #: Optional hooks a backend may provide (the U-Net uses them when present):
 #: ``step_scope(store=None)`` a context manager around a whole model pass (``store``: a dict the caller keeps
 #: for what the kernels derive from the weights, valid while they do not change); ``batch_shares(n)`` a list of
-#: ``(start, stop)`` image ranges or None; ``run_shares(fn, shares)`` runs ``fn(k, start, stop)`` per share.
-OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares")
+#: ``(start, stop)`` image ranges or None; ``run_shares(fn, shares)`` runs ``fn(k, start, stop)`` per share;
+#: ``resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w, skip_b, groups, eps)`` one
+#: inference ResBlock (the U-Net's unfused ops, the same bits) or None where the backend prefers the unfused ops.
+OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares", "resblock_forward")
 
 
 def missing_api(module) -> list[str]:

@@ -395,6 +395,15 @@ class UNet:
 
     def _res_forward(self, P: dict, key: str, has_skip: bool, x: np.ndarray, temb_act: np.ndarray, keep: bool):
         k, g = self._kern, self.groups
+        fused = None if keep else getattr(k, "resblock_forward", None)
+        if fused is not None:  # inference: the backend may run the whole block in one call (same bits)
+            tp = k.linear_forward(temb_act, P[key + ".temb.w"], P[key + ".temb.b"])
+            s = (P[key + ".skip.w"], P[key + ".skip.b"]) if has_skip else (None, None)
+            h = fused(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], P[key + ".conv1.w"], P[key + ".conv1.b"], tp,
+                      P[key + ".norm2.gamma"], P[key + ".norm2.beta"], P[key + ".conv2.w"], P[key + ".conv2.b"], *s,
+                      g, GN_EPS)
+            if h is not None:
+                return h, None
         h, c_n1 = L._gn_silu(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], g, GN_EPS, True, k)
         h, c_c1 = L._conv2d(h, P[key + ".conv1.w"], P[key + ".conv1.b"], 1, 1, k)
         tp, c_t = L._linear(temb_act, P[key + ".temb.w"], P[key + ".temb.b"], k)

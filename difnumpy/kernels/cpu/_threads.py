@@ -158,6 +158,11 @@ def _split_threads(units: int, flops: float) -> int:
     return min(_nthreads(), units) if flops >= SPLIT_MIN_FLOPS else 1
 
 
+def _in_share() -> bool:
+    """Whether this thread is running a batch share (its kernels run serially)."""
+    return getattr(_SHARE, "active", False)
+
+
 def _run_split(kernel, nt, blas, *args):
     """Run ``kernel(*args, t, nt)`` for ``t = 0 .. nt-1`` concurrently (share 0 in this thread).
 

@@ -28,7 +28,8 @@ import numba
 import numpy as np
 
 from difnumpy.kernels.cpu import _threads
-from difnumpy.kernels.cpu.winograd import _wino_backward_weight, _wino_forward, _wino_transform
+from difnumpy.kernels.cpu import winograd as _wino
+from difnumpy.kernels.cpu.winograd import _wino_backward_weight, _wino_forward
 
 USE_WINOGRAD = True  # False: 3x3 stride-1 convs use the im2col path (read by _conv_mode; tests patch it here)
 _CHUNK_COLS = 1024  # at most this many columns in the per-chunk column matrix ...
@@ -200,7 +201,7 @@ def _conv_forward_impl(x, w, b, stride, padding):
     mode = _conv_mode(KH, KW, stride, padding)
     if mode == 3:
         # the filters' transform once per pass (or per frozen scope), not once per call and share
-        return _wino_forward(x, _threads.derived("wino", w, lambda: _wino_transform(w)), b)
+        return _wino_forward(x, _wino._wino_filters(w), b)
     if mode == 1:
         out = np.empty((N, F, Ho, Wo), x.dtype)
         _threads._run_split(_conv1x1_fwd_kernel, _threads._split_threads(N, 2.0 * N * Ho * Wo * C * F), True, x,
@@ -326,7 +327,7 @@ def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, strid
         def flipped():
             return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
         if mode == 3:  # the flipped filters' transform, kept for the pass under w's own identity
-            Ub = _threads.derived("wino_flipped", w, lambda: _wino_transform(flipped()))
+            Ub = _threads.derived("wino_flipped", w, lambda: _wino._wino_transform(flipped()))
             return _wino_forward(dout, Ub, np.zeros(C, dout.dtype))
         return _conv_forward_impl(dout, flipped(), np.zeros(C, dout.dtype), 1, padding)
     Ho, Wo = dout.shape[2], dout.shape[3]

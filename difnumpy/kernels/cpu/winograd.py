@@ -348,6 +348,11 @@ def _wino_transform(w):
     return Ub
 
 
+def _wino_filters(w):
+    """``w``'s transform (:func:`_wino_transform`), computed once per pass or frozen scope (:func:`._threads.derived`)."""
+    return _threads.derived("wino", w, lambda: _wino_transform(w))
+
+
 def _wino_forward(x, Ub, b):
     """Winograd forward conv of ``x`` (N, C, H, W) with the transformed filters ``Ub`` (:func:`_wino_transform`)
     and the bias ``b`` (F,)."""
