@@ -147,7 +147,12 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1,
 
 def _conv2d(x, w, b, stride: int, padding: int, kern):
     """:func:`conv2d_forward` on arguments already checked (native arrays of ``kern``, one dtype)."""
-    return kern.conv2d_forward(x, w, b, stride, padding), (x, w, stride, padding, kern)
+    return kern.conv2d_forward(x, w, b, stride, padding), _conv2d_cache(x, w, stride, padding, kern)
+
+
+def _conv2d_cache(x, w, stride: int, padding: int, kern) -> tuple:
+    """The cache of :func:`conv2d_forward` (also built by fused kernels that ran the layer)."""
+    return (x, w, stride, padding, kern)
 
 
 def conv2d_backward(dout: np.ndarray, cache: tuple,
@@ -272,7 +277,12 @@ def group_norm_silu_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, 
 def _gn_silu(x, gamma, beta, groups: int, eps: float, silu: bool, kern):
     """:func:`group_norm_silu_forward` on arguments already checked."""
     out, mean, rstd = kern.group_norm_silu_forward(x, gamma, beta, groups, eps, silu)
-    return out, (x, gamma, beta, mean, rstd, groups, silu, kern)
+    return out, _gn_silu_cache(x, gamma, beta, mean, rstd, groups, silu, kern)
+
+
+def _gn_silu_cache(x, gamma, beta, mean, rstd, groups: int, silu: bool, kern) -> tuple:
+    """The cache of :func:`group_norm_silu_forward` (also built by fused kernels that ran the layer)."""
+    return (x, gamma, beta, mean, rstd, groups, silu, kern)
 
 
 def group_norm_silu_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -395,18 +395,25 @@ class UNet:
 
     def _res_forward(self, P: dict, key: str, has_skip: bool, x: np.ndarray, temb_act: np.ndarray, keep: bool):
         k, g = self._kern, self.groups
-        fused = None if keep else getattr(k, "resblock_forward", None)
-        if fused is not None:  # inference: the backend may run the whole block in one call (same bits)
-            tp = k.linear_forward(temb_act, P[key + ".temb.w"], P[key + ".temb.b"])
+        tp, c_t = L._linear(temb_act, P[key + ".temb.w"], P[key + ".temb.b"], k)
+        fused = getattr(k, "resblock_forward", None)
+        if fused is not None:  # the backend may run the whole block in one call (the same bits)
             s = (P[key + ".skip.w"], P[key + ".skip.b"]) if has_skip else (None, None)
-            h = fused(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], P[key + ".conv1.w"], P[key + ".conv1.b"], tp,
+            r = fused(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], P[key + ".conv1.w"], P[key + ".conv1.b"], tp,
                       P[key + ".norm2.gamma"], P[key + ".norm2.beta"], P[key + ".conv2.w"], P[key + ".conv2.b"], *s,
-                      g, GN_EPS)
-            if h is not None:
-                return h, None
+                      g, GN_EPS, keep)
+            if r is not None:
+                if not keep:
+                    return r, None
+                h, (h0, m1, r1, h1, h2, m2, r2) = r
+                # the caches the unfused layers build
+                return h, (L._gn_silu_cache(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], m1, r1, g, True, k),
+                           L._conv2d_cache(h0, P[key + ".conv1.w"], 1, 1, k), c_t,
+                           L._gn_silu_cache(h1, P[key + ".norm2.gamma"], P[key + ".norm2.beta"], m2, r2, g, True, k),
+                           L._conv2d_cache(h2, P[key + ".conv2.w"], 1, 1, k),
+                           L._conv2d_cache(x, s[0], 1, 0, k) if has_skip else None)
         h, c_n1 = L._gn_silu(x, P[key + ".norm1.gamma"], P[key + ".norm1.beta"], g, GN_EPS, True, k)
         h, c_c1 = L._conv2d(h, P[key + ".conv1.w"], P[key + ".conv1.b"], 1, 1, k)
-        tp, c_t = L._linear(temb_act, P[key + ".temb.w"], P[key + ".temb.b"], k)
         k.add_channel_bias_(h, tp)
         h, c_n2 = L._gn_silu(h, P[key + ".norm2.gamma"], P[key + ".norm2.beta"], g, GN_EPS, True, k)
         h, c_c2 = L._conv2d(h, P[key + ".conv2.w"], P[key + ".conv2.b"], 1, 1, k)

@@ -1,4 +1,4 @@
-"""The U-Net's ResBlock for inference in one compiled call (an optional hook of the cpu backend).
+"""The U-Net's ResBlock forward in one compiled call (an optional hook of the cpu backend).
 
 ``resblock_forward`` computes exactly the U-Net's unfused graph (:meth:`difnumpy.nn.unet.UNet._res_forward`):
 ``h = Conv3x3(SiLU(GN(x))) + tp``, ``h = Conv3x3(SiLU(GN(h)))``, ``out = h + (Conv1x1(x) if a skip conv else x)``
@@ -22,19 +22,13 @@ from difnumpy.kernels.cpu.winograd import _wino_bands, _wino_chunk, _wino_filter
 
 @numba.njit(cache=True, nogil=True)
 def _resblock_fwd_kernel(x, ge1, be1, Ub1, b1, tp, ge2, be2, Ub2, b2, ws, bs, skip, groups, eps, fast,
-                         th, tw, G1, nb1, G2, nb2, out):
+                         th, tw, G1, nb1, G2, nb2, h, mean, rstd, h1, h2, mean2, rstd2, out):
+    # h, mean, rstd, h1, h2, mean2, rstd2: the activations a training pass keeps (see resblock_forward)
     N, C, H, W = x.shape
     F = b1.shape[0]
-    h = np.empty_like(x)
-    mean = np.empty((N, groups), x.dtype)
-    rstd = np.empty((N, groups), x.dtype)
     _gn_fwd_kernel(x, ge1, be1, groups, eps, True, fast, h, mean, rstd, 0, 1)
-    h1 = np.empty((N, F, H, W), x.dtype)
     _wino_fwd_kernel(h, Ub1, F, b1, th, tw, G1, nb1, h1, 0, 1)
     _add_channel_bias_kernel(h1.reshape(N, F, H * W), tp)
-    h2 = np.empty_like(h1)
-    mean2 = np.empty((N, groups), x.dtype)
-    rstd2 = np.empty((N, groups), x.dtype)
     _gn_fwd_kernel(h1, ge2, be2, groups, eps, True, fast, h2, mean2, rstd2, 0, 1)
     _wino_fwd_kernel(h2, Ub2, F, b2, th, tw, G2, nb2, out, 0, 1)
     if skip:
@@ -45,8 +39,8 @@ def _resblock_fwd_kernel(x, ge1, be1, Ub1, b1, tp, ge2, be2, Ub2, b2, ws, bs, sk
         _add_kernel(out.reshape(-1), x.reshape(-1))
 
 
-def resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w, skip_b, groups, eps):
-    """One ResBlock of the U-Net for inference; the serial composition of this backend's kernels.
+def resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w, skip_b, groups, eps, keep=False):
+    """One ResBlock of the U-Net; the serial composition of this backend's kernels.
 
     Parameters
     ----------
@@ -55,6 +49,7 @@ def resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w
     gamma2, beta2 : (F,); w2 : (F, F, 3, 3); b2 : (F,)
     skip_w : (F, C, 1, 1) or None (then C == F and the skip is x itself); skip_b : (F,) or None
     groups : int dividing C and F; eps : float
+    keep : bool, also return the activations a training pass keeps for the backward pass
     All arrays of ``x``'s dtype (the U-Net checks them once per pass; here they are trusted).
 
     Returns
@@ -63,6 +58,8 @@ def resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w
     the unfused calls of ``group_norm_silu_forward``, ``conv2d_forward``, ``add_channel_bias_`` and ``add_``;
     or None where the unfused calls are faster (outside a batch share, with a conv big enough to be shared
     out over the threads): the caller then runs them.
+    With ``keep``: ``(out, (h, mean1, rstd1, h1, h2, mean2, rstd2))``: GN1+SiLU's output and statistics,
+    conv1's output plus ``tp``, GN2+SiLU's output and statistics (what the unfused layers' caches hold).
     """
     N, C, H, W = x.shape
     F = w1.shape[0]
@@ -81,10 +78,12 @@ def resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w
     skip = skip_w is not None
     ws = np.ascontiguousarray(skip_w.reshape(F, C)) if skip else np.zeros((0, 0), dt)
     bs = skip_b if skip else np.zeros(0, dt)
+    acts = (np.empty_like(x), np.empty((N, groups), dt), np.empty((N, groups), dt), np.empty((N, F, H, W), dt),
+            np.empty((N, F, H, W), dt), np.empty((N, groups), dt), np.empty((N, groups), dt))
     out = np.empty((N, F, H, W), dt)
     _resblock_fwd_kernel(x, ge1, be1, Ub1, b1, np.ascontiguousarray(tp, dtype=dt), ge2, be2, Ub2, b2, ws, bs, skip,
-                         int(groups), float(eps), dt == np.float32, th, tw, G1, nb1, G2, nb2, out)
-    return out
+                         int(groups), float(eps), dt == np.float32, th, tw, G1, nb1, G2, nb2, *acts, out)
+    return (out, acts) if keep else out
 
 
 def _fused(N: int, C: int, F: int, H: int, W: int) -> bool:
