@@ -56,7 +56,9 @@ def test_conv2d_kernels_match_reference(case, dtype):
 # 3x3 / stride 1 / pad 1: the Winograd F(2x2, 3x3) path. Odd sizes leave partial 2x2 tiles; 1-pixel images
 # are all padding but the centre; N = 70 at 8x8 spans several chunks (and both threads of a 2-core run).
 WINO_CASES = [(1, 1, 1, 1, 1), (2, 3, 1, 5, 2), (2, 2, 5, 1, 3), (3, 5, 7, 9, 4), (2, 4, 4, 4, 6),
-              (70, 3, 8, 8, 5), (3, 17, 6, 10, 33)]
+              (70, 3, 8, 8, 5), (3, 17, 6, 10, 33), (2, 3, 7, 6, 4)]
+# (widths up to 8 build the weight gradient's tile transforms in one pass, wider ones in plane passes:
+# both, with odd heights and widths)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
