@@ -86,8 +86,8 @@ _DERIVED = threading.local()  # .store: dict (tag, id(w)) -> (w, derived array),
 _DERIVED_LOCK = threading.Lock()  # one computation per entry when two shares miss it at once
 
 
-def derived(tag: str, w, compute):
-    """``compute()``, or the array it gave for the same ``tag`` and the same array ``w`` in this pass."""
+def derived(tag, w, compute):
+    """``compute()``, or the array it gave for the same ``tag`` (hashable) and the same array ``w`` in this pass."""
     store = getattr(_DERIVED, "store", None)
     if store is None:
         return compute()
