@@ -414,10 +414,10 @@ def test_sampling_loops_run_the_model_frozen(monkeypatch, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("batch,hw,nthreads", [(1, 8, 1), (16, 8, 2), (3, 28, 2), (2, 12, 1)])
 def test_fused_resblock_gives_the_unfused_bits(dtype, batch, hw, nthreads, monkeypatch, rng):
-    """cpu's resblock_forward runs the same kernels in the same order as the unfused graph: the same bits
-    (outputs, input gradient, every parameter gradient), with and without a skip conv, in batch shares and
-    in one pass; it declines (None) where a conv is big enough to be shared out over the threads, and the
-    graph then runs unfused."""
+    """cpu's resblock_forward and resblock_backward run the same kernels and reductions as the unfused graph:
+    the same bits (outputs, input gradient, every parameter gradient), with and without a skip conv, in
+    batch shares and in one pass; they decline (None) where a conv is big enough to be shared out over the
+    threads, and the graph then runs unfused."""
     import numba
     from difnumpy.kernels import cpu
     from difnumpy.kernels.cpu import _threads
@@ -439,10 +439,19 @@ def test_fused_resblock_gives_the_unfused_bits(dtype, batch, hw, nthreads, monke
         out, cache = m.forward(x, t)
         grads, dx = m.backward(np.cos(out), cache, return_input_grad=True)
         return [m(x, t), out, dx] + [grads[k] for k in m.params]
+    bwd_calls = []
+    real_bwd = cpu.resblock_backward
+
+    def counting_bwd(*a):
+        out = real_bwd(*a)
+        bwd_calls.append(out is not None)
+        return out
     try:
         monkeypatch.setattr(cpu, "resblock_forward", counting)
+        monkeypatch.setattr(cpu, "resblock_backward", counting_bwd)
         fused = run()
         monkeypatch.setattr(cpu, "resblock_forward", None)
+        monkeypatch.setattr(cpu, "resblock_backward", None)
         unfused = run()
     finally:
         numba.set_num_threads(prev)
@@ -450,6 +459,7 @@ def test_fused_resblock_gives_the_unfused_bits(dtype, batch, hw, nthreads, monke
         np.testing.assert_array_equal(a, b)
     calls = calls[:len(calls) // 2]  # one pass's (the training and the inference pass ask alike)
     assert len(calls) == 5 * (2 if batch >= 8 else 1)  # every ResBlock of every share asked the hook
+    assert sorted(bwd_calls) == sorted(calls)  # the backward hook decides as the forward one (shares interleave)
     if hw == 28 and nthreads > 1:
         assert not all(calls) and any(calls)  # the 96 -> 32 block at 28x28, 3 images: its convs shared out
     else:

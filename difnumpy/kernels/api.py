@@ -64,9 +64,10 @@ BACKEND_API: dict[str, str] = {
 #: ``step_scope(store=None)`` a context manager around a whole model pass (``store``: a dict the caller keeps
 #: for what the kernels derive from the weights, valid while they do not change); ``batch_shares(n)`` a list of
 #: ``(start, stop)`` image ranges or None; ``run_shares(fn, shares)`` runs ``fn(k, start, stop)`` per share;
-#: ``resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w, skip_b, groups, eps)`` one
-#: inference ResBlock (the U-Net's unfused ops, the same bits) or None where the backend prefers the unfused ops.
-OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares", "resblock_forward")
+#: ``resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w, skip_b, groups, eps, keep)`` one
+#: ResBlock forward (the U-Net's unfused ops, the same bits; ``keep=True`` also returns the activations) and
+#: ``resblock_backward(...)`` its backward, each None where the backend prefers the unfused ops.
+OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward")
 
 
 def missing_api(module) -> list[str]:

@@ -577,6 +577,21 @@ class UNet:
 
     def _res_backward(self, key: str, dout: np.ndarray, cache, grads: dict):
         c_n1, c_c1, c_t, c_n2, c_c2, c_s = cache
+        fused = getattr(self._kern, "resblock_backward", None)
+        if fused is not None:  # the backend may run the block's backward in two calls (the same bits)
+            temb = {}
+
+            def temb_backward(dtp):
+                dtemb_act, temb["w"], temb["b"] = L.linear_backward(dtp, c_t)
+                return dtemb_act
+            r = fused(dout, c_n1[0], c_c1[0], c_n2[0], c_c2[0], c_n1[3], c_n1[4], c_n2[3], c_n2[4], c_n1[1], c_n1[2],
+                      c_c1[1], c_n2[1], c_n2[2], c_c2[1], None if c_s is None else c_s[1], self.groups, temb_backward)
+            if r is not None:
+                dx, dtemb_act, block_grads = r
+                for suffix, v in block_grads.items():
+                    grads[key + "." + suffix] = v
+                grads[key + ".temb.w"], grads[key + ".temb.b"] = temb["w"], temb["b"]
+                return dx, dtemb_act
         if c_s is not None:
             dx_skip, grads[key + ".skip.w"], grads[key + ".skip.b"] = L.conv2d_backward(dout, c_s)
         else:

@@ -1,7 +1,7 @@
 """The ``"cpu"`` backend: ``numba.njit`` kernels on host NumPy arrays (see ARCHITECTURE.md, "Backends").
 
 It provides every function of :data:`difnumpy.kernels.api.BACKEND_API` and the optional hooks
-``step_scope``, ``batch_shares``, ``run_shares`` and ``resblock_forward``. Every compiled kernel has a NumPy twin with the same
+``step_scope``, ``batch_shares``, ``run_shares``, ``resblock_forward`` and ``resblock_backward``. Every compiled kernel has a NumPy twin with the same
 signature in :mod:`difnumpy.kernels.reference` and a test asserting that they agree. All kernels are
 compiled with ``cache=True``: the first call compiles (seconds), later calls and processes reuse the
 cached machine code. No result depends on ``numba.get_num_threads()`` (see :mod:`._threads`).
@@ -14,7 +14,8 @@ Modules, one per op family:
 - :mod:`.groupnorm`: fused GroupNorm + SiLU;
 - :mod:`.layout`: channel concat / split, nearest 2x upsampling;
 - :mod:`.optim`: Adam and the EMA;
-- :mod:`.resblock`: the U-Net's ResBlock for inference in one compiled call (the hook ``resblock_forward``).
+- :mod:`.resblock`: the U-Net's ResBlock forward in one compiled call and its backward in two (the hooks
+  ``resblock_forward`` and ``resblock_backward``).
 
 The array functions are the NumPy twins themselves; the linear layer is the twin's BLAS GEMM (:mod:`.linear`).
 """
@@ -30,7 +31,7 @@ from difnumpy.kernels.cpu.layout import (concat_channels, split_channels, upsamp
                                          upsample_nearest2x_forward)
 from difnumpy.kernels.cpu.linear import linear_backward, linear_forward
 from difnumpy.kernels.cpu.optim import adam_update, ema_update
-from difnumpy.kernels.cpu.resblock import resblock_forward
+from difnumpy.kernels.cpu.resblock import resblock_backward, resblock_forward
 from difnumpy.kernels.reference import asarray, copy, copy_into, is_array, to_host, zeros
 
 
@@ -49,5 +50,5 @@ __all__ = [
     # optim
     "adam_update", "ema_update",
     # optional hooks
-    "step_scope", "batch_shares", "run_shares", "resblock_forward",
+    "step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward",
 ]

@@ -28,6 +28,7 @@ import numba
 import numpy as np
 
 from difnumpy.kernels.cpu import _threads
+from difnumpy.kernels.cpu.elementwise import _sum_rows
 from difnumpy.kernels.cpu import winograd as _wino
 from difnumpy.kernels.cpu.winograd import _wino_backward_weight, _wino_forward
 
@@ -182,6 +183,14 @@ def _conv1x1_bwd_weight_kernel(dout, x, dw_parts, db_parts, t, nthreads):
                 db_parts[p, f] += s
 
 
+@numba.njit(cache=True, nogil=True)
+def _conv1x1_bwd_weight_finish(dw_parts, db_parts, dw, db):
+    """dw (F, C, 1, 1) and db (F,) from the parts of :func:`_conv1x1_bwd_weight_kernel`, summed in part order."""
+    F, C = dw_parts.shape[1], dw_parts.shape[2]
+    _sum_rows(dw_parts.reshape(dw_parts.shape[0], F * C), F * C, dw.reshape(F * C))
+    _sum_rows(db_parts, F, db)
+
+
 def _chunk(L, N, K=1, itemsize=4):
     """Images per chunk: about min(_CHUNK_COLS, _CHUNK_BYTES / (K * itemsize)) columns, >= 128, whole images.
 
@@ -324,12 +333,9 @@ def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, strid
     stride, padding = int(stride), int(padding)
     mode = _conv_mode(KH, KW, stride, padding)
     if mode != 2:
-        def flipped():
-            return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        if mode == 3:  # the flipped filters' transform, kept for the pass under w's own identity
-            Ub = _threads.derived("wino_flipped", w, lambda: _wino._wino_transform(flipped()))
-            return _wino_forward(dout, Ub, np.zeros(C, dout.dtype))
-        return _conv_forward_impl(dout, flipped(), np.zeros(C, dout.dtype), 1, padding)
+        if mode == 3:
+            return _wino_forward(dout, _wino_flipped_filters(w), np.zeros(C, dout.dtype))
+        return _conv_forward_impl(dout, _flipped(w), np.zeros(C, dout.dtype), 1, padding)
     Ho, Wo = dout.shape[2], dout.shape[3]
     G = _chunk(Ho * Wo, N, max(F, C * KH * KW), dout.itemsize)
     nt = _threads._split_threads((N + G - 1) // G, 2.0 * N * Ho * Wo * C * KH * KW * F)
@@ -337,6 +343,16 @@ def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, strid
     dx = np.empty((N, C, H, W), dout.dtype)
     _threads._run_split(_conv_bwd_input_general, nt, True, dout, w2t, KH, KW, stride, padding, H, W, G, dx)
     return dx
+
+
+def _flipped(w):
+    """The weights of the input gradient as a forward conv: (F, C, KH, KW) -> (C, F, KH, KW), flipped."""
+    return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+
+
+def _wino_flipped_filters(w):
+    """The Winograd transform of :func:`_flipped` ``w``, kept for the pass under ``w``'s own identity."""
+    return _threads.derived("wino_flipped", w, lambda: _wino._wino_transform(_flipped(w)))
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -422,8 +438,10 @@ def conv2d_backward_weight(dout: np.ndarray, x: np.ndarray, w_shape: tuple, stri
         db_parts = np.zeros((P, F), np.float64)
         _threads._run_split(_conv1x1_bwd_weight_kernel, _threads._split_threads(P, 2.0 * N * H * W * C * F), True,
                             dout, x, dw_parts, db_parts)
-        dw = dw_parts.sum(axis=0) if P > 1 else dw_parts[0]
-        return dw.reshape(F, C, 1, 1).astype(x.dtype), db_parts.sum(axis=0).astype(x.dtype)
+        dw = np.empty((F, C, 1, 1), x.dtype)
+        db = np.empty(F, x.dtype)
+        _conv1x1_bwd_weight_finish(dw_parts, db_parts, dw, db)
+        return dw, db
     Wr = W + padding if mode == 0 else Wo
     G = _chunk(Ho * Wr, N, C * KH * KW, x.itemsize)
     P = _threads._parts((N + G - 1) // G)  # fixed parts of chunks, summed in part order

@@ -294,6 +294,35 @@ def add_channel_bias_(h: np.ndarray, t: np.ndarray) -> np.ndarray:
 # ==== reductions (float64 accumulation) ====
 
 
+@numba.njit(cache=True, nogil=True)
+def _sum_rows(parts, n, out):
+    """out[:n] = parts[0, :n] + parts[1, :n] + ... in part order (the fixed parts of a summed gradient),
+    each sum rounded to ``out``'s dtype at the end; parts (P, >= n) of any float dtype."""
+    P = parts.shape[0]
+    for i in range(n):
+        s = parts[0, i]
+        for p in range(1, P):
+            s += parts[p, i]
+        out[i] = s
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _bias_grad(dout, out):
+    """out[f] = sum over n, h, w of dout[n, f, h, w]: float64 per (n, f) plane, then over n in order."""
+    N, F = dout.shape[0], dout.shape[1]
+    L = dout.shape[2] * dout.shape[3]
+    d = dout.reshape(N, F, L)
+    for f in range(F):
+        t = 0.0
+        for n in range(N):
+            row = d[n, f]
+            s = 0.0
+            for l in range(L):
+                s += np.float64(row[l])
+            t += s
+        out[f] = t
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _sum_hw_kernel(h, out):
     N, C, L = h.shape

@@ -14,10 +14,12 @@ import numba
 import numpy as np
 
 from difnumpy.kernels.cpu import _threads
-from difnumpy.kernels.cpu.conv import _conv1x1_fwd_kernel
-from difnumpy.kernels.cpu.elementwise import _add_channel_bias_kernel, _add_kernel
-from difnumpy.kernels.cpu.groupnorm import _gn_fwd_kernel, _repeated
-from difnumpy.kernels.cpu.winograd import _wino_bands, _wino_chunk, _wino_filters, _wino_fwd_kernel
+from difnumpy.kernels.cpu.conv import (_conv1x1_bwd_weight_finish, _conv1x1_bwd_weight_kernel, _conv1x1_fwd_kernel,
+                                       _flipped, _wino_flipped_filters)
+from difnumpy.kernels.cpu.elementwise import _add_channel_bias_kernel, _add_kernel, _sum_hw_kernel, _sum_rows
+from difnumpy.kernels.cpu.groupnorm import _gn_bwd_kernel, _gn_fwd_kernel, _repeated
+from difnumpy.kernels.cpu.winograd import (_WINO_PAD, _wino_bands, _wino_bwd_weight_kernel, _wino_chunk,
+                                           _wino_filters, _wino_fwd_kernel, _wino_weight_grad_finish)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -92,3 +94,126 @@ def _fused(N: int, C: int, F: int, H: int, W: int) -> bool:
     if _threads._nthreads() == 1 or _threads._in_share():
         return True
     return 32.0 * N * ((H + 1) // 2) * ((W + 1) // 2) * max(C, F) * F < _threads.SPLIT_MIN_FLOPS
+
+
+# ---- backward ----
+
+@numba.njit(cache=True, nogil=True)
+def _res_bwd_a(dout, x, h1, h2, g2, ge2, be2, m2, r2, Ub2f, zF, th, tw, Gi2, nbi2, Gw2, dU2, dw2, db2,
+               skip, wst, zC, dws_parts, dbs_parts, dws, dbs, groups, fast,
+               dx_skip, dh, dh_gn, dgp2, dbp2, dgamma2, dbeta2, dtp):
+    """From the block's output gradient to dtp (the time-embedding projection's gradient): the skip conv's
+    gradients (if any), conv2's input and weight gradients, GroupNorm2+SiLU's backward, sum over H, W."""
+    N, F, H, W = dout.shape
+    if skip:
+        _conv1x1_fwd_kernel(dout, wst, zC, dx_skip, 0, 1)
+        _conv1x1_bwd_weight_kernel(dout, x, dws_parts, dbs_parts, 0, 1)
+        _conv1x1_bwd_weight_finish(dws_parts, dbs_parts, dws, dbs)
+    _wino_fwd_kernel(dout, Ub2f, F, zF, th, tw, Gi2, nbi2, dh, 0, 1)
+    _wino_bwd_weight_kernel(dout, h2, th, tw, Gw2, dU2, 0, 1)
+    _wino_weight_grad_finish(dout, dU2, F * F, dw2, db2)
+    _gn_bwd_kernel(dh, h1, g2, ge2, be2, m2, r2, groups, True, fast, dh_gn, dgp2, dbp2, 0, 1)
+    _sum_rows(dgp2, F, dgamma2)
+    _sum_rows(dbp2, F, dbeta2)
+    _sum_hw_kernel(dh_gn.reshape(N, F, H * W), dtp)
+
+
+@numba.njit(cache=True, nogil=True)
+def _res_bwd_b(dh_gn, h0, x, Ub1f, zC, th, tw, Gi1, nbi1, Gw1, dU1, dw1, db1, g1, ge1, be1, m1, r1, groups,
+               fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1, dx_skip):
+    """From dtp's block gradient to the block input's: conv1's input and weight gradients, GroupNorm1+SiLU's
+    backward, plus the skip path's gradient."""
+    C = x.shape[1]
+    F = dh_gn.shape[1]
+    _wino_fwd_kernel(dh_gn, Ub1f, C, zC, th, tw, Gi1, nbi1, dh1, 0, 1)
+    _wino_bwd_weight_kernel(dh_gn, h0, th, tw, Gw1, dU1, 0, 1)
+    _wino_weight_grad_finish(dh_gn, dU1, F * C, dw1, db1)
+    _gn_bwd_kernel(dh1, x, g1, ge1, be1, m1, r1, groups, True, fast, dx, dgp1, dbp1, 0, 1)
+    _sum_rows(dgp1, C, dgamma1)
+    _sum_rows(dbp1, C, dbeta1)
+    _add_kernel(dx.reshape(-1), dx_skip.reshape(-1))
+
+
+def _wino_geometry(N, C, F, th, tw, itemsize):
+    """(G, nb) of a Winograd forward call of C -> F channels, and (G, P) of its weight gradient, as the
+    unfused calls choose them."""
+    G = _wino_chunk(th * tw, N, C, F, itemsize)
+    nb = _wino_bands(th, tw, C, F, itemsize) if G == 1 else 1
+    Gw = _wino_chunk(th * tw, N, C, F, itemsize)
+    return G, nb, Gw, _threads._parts((N + Gw - 1) // Gw)
+
+
+def resblock_backward(dout, x, h0, h1, h2, m1, r1, m2, r2, gamma1, beta1, w1, gamma2, beta2, w2, skip_w, groups,
+                      temb_backward):
+    """The backward pass of :func:`resblock_forward` (``keep=True``) in two compiled calls, or None.
+
+    Parameters
+    ----------
+    dout : (N, F, H, W), the gradient of the block's output
+    x, h0, h1, h2, m1, r1, m2, r2 : the block input and the activations ``resblock_forward(..., keep=True)``
+        returns (the unfused layers' caches hold the same arrays)
+    gamma1, beta1, w1, gamma2, beta2, w2, skip_w : the block's parameters (``skip_w`` None: identity skip)
+    groups : int
+    temb_backward : callable ``dtp (N, F) -> dtemb_act``, the time-embedding projection's backward (run
+        between the two compiled calls; it keeps its own weight gradients)
+
+    Returns
+    -------
+    ``(dx, dtemb_act, grads)`` with ``grads`` a dict of the suffixes ``conv1.w, conv1.b, norm1.gamma,
+    norm1.beta, conv2.w, conv2.b, norm2.gamma, norm2.beta[, skip.w, skip.b]``: the same bits as the unfused
+    layers' backward passes (the same kernels and reductions); or None where the unfused calls are faster
+    (see :func:`resblock_forward`).
+    """
+    N, C, H, W = x.shape
+    F = w1.shape[0]
+    if not _fused(N, C, F, H, W):
+        return None
+    dt = x.dtype
+    isz = dt.itemsize
+    th, tw = (H + 1) // 2, (W + 1) // 2
+    fast = dt == np.float32
+    dout = np.ascontiguousarray(dout, dtype=dt)
+    skip = skip_w is not None
+    # conv2 (F -> F): input gradient as a forward F -> F with the flipped filters; conv1 (C -> F): F -> C
+    Gi2, nbi2, Gw2, P2 = _wino_geometry(N, F, F, th, tw, isz)
+    Gi1, nbi1, _, _ = _wino_geometry(N, F, C, th, tw, isz)
+    _, _, Gw1, P1 = _wino_geometry(N, C, F, th, tw, isz)
+    ge1, be1 = _repeated(gamma1, beta1, H * W, dt)
+    ge2, be2 = _repeated(gamma2, beta2, H * W, dt)
+    g1 = np.ascontiguousarray(gamma1, dtype=dt)
+    g2 = np.ascontiguousarray(gamma2, dtype=dt)
+    if skip:
+        wst = np.ascontiguousarray(_flipped(skip_w).reshape(C, F))
+        Ps = _threads._parts(N)
+        dws_parts = np.empty((Ps, F, C), dt)
+        dbs_parts = np.zeros((Ps, F), np.float64)
+        dws, dbs = np.empty((F, C, 1, 1), dt), np.empty(F, dt)
+        dx_skip = np.empty((N, C, H, W), dt)
+    else:
+        wst = np.zeros((0, 0), dt)
+        dws_parts, dbs_parts = np.zeros((1, 0, 0), dt), np.zeros((1, 0), np.float64)
+        dws, dbs = np.zeros((0, 0, 1, 1), dt), np.zeros(0, dt)
+        dx_skip = dout
+    dU2 = np.empty((P2, 16, F * F + _WINO_PAD), dt)
+    dw2, db2 = np.empty((F, F, 3, 3), dt), np.empty(F, dt)
+    dh, dh_gn = np.empty((N, F, H, W), dt), np.empty((N, F, H, W), dt)
+    dgp2, dbp2 = np.empty((N, F), np.float64), np.empty((N, F), np.float64)
+    dgamma2, dbeta2, dtp = np.empty(F, dt), np.empty(F, dt), np.empty((N, F), dt)
+    _res_bwd_a(dout, x, h1, h2, g2, ge2, be2, np.ascontiguousarray(m2, dtype=dt), np.ascontiguousarray(r2, dtype=dt),
+               _wino_flipped_filters(w2), np.zeros(F, dt), th, tw, Gi2, nbi2, Gw2, dU2, dw2, db2,
+               skip, wst, np.zeros(C, dt), dws_parts, dbs_parts, dws, dbs, int(groups), fast,
+               dx_skip, dh, dh_gn, dgp2, dbp2, dgamma2, dbeta2, dtp)
+    dtemb_act = temb_backward(dtp)
+    dU1 = np.empty((P1, 16, F * C + _WINO_PAD), dt)
+    dw1, db1 = np.empty((F, C, 3, 3), dt), np.empty(F, dt)
+    dh1, dx = np.empty((N, C, H, W), dt), np.empty((N, C, H, W), dt)
+    dgp1, dbp1 = np.empty((N, C), np.float64), np.empty((N, C), np.float64)
+    dgamma1, dbeta1 = np.empty(C, dt), np.empty(C, dt)
+    _res_bwd_b(dh_gn, h0, x, _wino_flipped_filters(w1), np.zeros(C, dt), th, tw, Gi1, nbi1, Gw1, dU1, dw1, db1,
+               g1, ge1, be1, np.ascontiguousarray(m1, dtype=dt), np.ascontiguousarray(r1, dtype=dt), int(groups),
+               fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1, dx_skip)
+    grads = {"conv1.w": dw1, "conv1.b": db1, "norm1.gamma": dgamma1, "norm1.beta": dbeta1,
+             "conv2.w": dw2, "conv2.b": db2, "norm2.gamma": dgamma2, "norm2.beta": dbeta2}
+    if skip:
+        grads["skip.w"], grads["skip.b"] = dws, dbs
+    return dx, dtemb_act, grads

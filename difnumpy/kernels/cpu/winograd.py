@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from difnumpy.kernels.cpu import _threads
+from difnumpy.kernels.cpu.elementwise import _bias_grad, _sum_rows
 
 # Lavin & Gray 2016 (arXiv 1509.09308), Sec. 4.1, eq. 8-10: each 2x2 output tile Y of one (image, filter) is
 #     Y = A^T [ sum_c (G g_fc G^T) ⊙ (B^T d_c B) ] A,   d_c the 4x4 input tile of channel c,
@@ -443,7 +444,20 @@ def _wino_backward_weight(dout, x):
     _threads._run_split(_wino_bwd_weight_kernel, _threads._split_threads(P, 32.0 * N * th * tw * C * F), True,
                         dout, x, th, tw, G, dU_parts)
     dw = np.empty((F, C, 3, 3), x.dtype)
-    _wino_weight_grad(dU_parts[0] if P == 1 else dU_parts[:, :, :F * C].sum(axis=0), dw)
-    # per-plane float32 sums over the contiguous H*W axis, then float64 over N (fast; (0, 2, 3) is not)
-    db = dout.reshape(N, F, H * W).sum(axis=2).sum(axis=0, dtype=np.float64)
-    return dw, db.astype(x.dtype)
+    db = np.empty(F, x.dtype)
+    _wino_weight_grad_finish(dout, dU_parts, F * C, dw, db)
+    return dw, db
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino_weight_grad_finish(dout, dU_parts, n, dw, db):
+    """dw from the parts of dU (summed in part order, :func:`_wino_weight_grad`) and db (float64 sums)."""
+    P = dU_parts.shape[0]
+    if P == 1:
+        _wino_weight_grad(dU_parts[0], dw)
+    else:
+        dU = np.empty((16, n), dU_parts.dtype)
+        for k in range(16):
+            _sum_rows(dU_parts[:, k, :], n, dU[k])
+        _wino_weight_grad(dU, dw)
+    _bias_grad(dout, db)
