@@ -1,4 +1,4 @@
-"""The U-Net's ResBlock forward in one compiled call (an optional hook of the cpu backend).
+"""The U-Net's ResBlock forward in one compiled call and its backward in two (optional hooks of the cpu backend).
 
 ``resblock_forward`` computes exactly the U-Net's unfused graph (:meth:`difnumpy.nn.unet.UNet._res_forward`):
 ``h = Conv3x3(SiLU(GN(x))) + tp``, ``h = Conv3x3(SiLU(GN(h)))``, ``out = h + (Conv1x1(x) if a skip conv else x)``
@@ -7,6 +7,8 @@ fused: a pass otherwise makes ~8 Python -> numba calls per ResBlock, and when tw
 share each (:func:`._threads.run_shares`) every call re-takes the GIL; the hand-offs, not the arithmetic,
 made two threads only ~1.2x one at batch 16, 8x8 (measured). The kernels run serially here, so the U-Net
 uses the hook inside batch shares and for calls too small to share out (:data:`._threads.SPLIT_MIN_FLOPS`).
+``resblock_backward`` does the same for :meth:`~difnumpy.nn.unet.UNet._res_backward` (the reductions after the
+weight-gradient and GroupNorm kernels are numba helpers that the unfused calls use too, so again the same bits).
 """
 from __future__ import annotations
 
@@ -135,12 +137,11 @@ def _res_bwd_b(dh_gn, h0, x, Ub1f, zC, th, tw, Gi1, nbi1, Gw1, dU1, dw1, db1, g1
 
 
 def _wino_geometry(N, C, F, th, tw, itemsize):
-    """(G, nb) of a Winograd forward call of C -> F channels, and (G, P) of its weight gradient, as the
-    unfused calls choose them."""
+    """(G, nb, P) of a Winograd conv of C -> F channels as the unfused calls choose them: images per chunk,
+    bands per image (forward), fixed parts of the weight gradient."""
     G = _wino_chunk(th * tw, N, C, F, itemsize)
     nb = _wino_bands(th, tw, C, F, itemsize) if G == 1 else 1
-    Gw = _wino_chunk(th * tw, N, C, F, itemsize)
-    return G, nb, Gw, _threads._parts((N + Gw - 1) // Gw)
+    return G, nb, _threads._parts((N + G - 1) // G)
 
 
 def resblock_backward(dout, x, h0, h1, h2, m1, r1, m2, r2, gamma1, beta1, w1, gamma2, beta2, w2, skip_w, groups,
@@ -174,10 +175,10 @@ def resblock_backward(dout, x, h0, h1, h2, m1, r1, m2, r2, gamma1, beta1, w1, ga
     fast = dt == np.float32
     dout = np.ascontiguousarray(dout, dtype=dt)
     skip = skip_w is not None
-    # conv2 (F -> F): input gradient as a forward F -> F with the flipped filters; conv1 (C -> F): F -> C
-    Gi2, nbi2, Gw2, P2 = _wino_geometry(N, F, F, th, tw, isz)
-    Gi1, nbi1, _, _ = _wino_geometry(N, F, C, th, tw, isz)
-    _, _, Gw1, P1 = _wino_geometry(N, C, F, th, tw, isz)
+    Gi2, nbi2, _ = _wino_geometry(N, F, F, th, tw, isz)  # conv2's input gradient: a forward F -> F
+    Gw2, _, P2 = _wino_geometry(N, F, F, th, tw, isz)  # its weight gradient
+    Gi1, nbi1, _ = _wino_geometry(N, F, C, th, tw, isz)  # conv1's input gradient: a forward F -> C
+    Gw1, _, P1 = _wino_geometry(N, C, F, th, tw, isz)
     ge1, be1 = _repeated(gamma1, beta1, H * W, dt)
     ge2, be2 = _repeated(gamma2, beta2, H * W, dt)
     g1 = np.ascontiguousarray(gamma1, dtype=dt)
