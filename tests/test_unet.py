@@ -425,30 +425,24 @@ def test_fused_resblock_gives_the_unfused_bits(dtype, batch, hw, nthreads, monke
     _randomize(m, rng)
     x = rng.standard_normal((batch, 1, hw, hw))
     t = rng.integers(0, 1000, batch)
-    calls = []
-    real = cpu.resblock_forward
-
-    def counting(*a):
-        out = real(*a)
-        calls.append(out is not None)
-        return out
+    def counting(hook, log):  # the hook, noting whether it ran the block (or declined with None)
+        def wrapped(*a):
+            out = hook(*a)
+            log.append(out is not None)
+            return out
+        return wrapped
+    calls, bwd_calls = [], []
     prev = numba.get_num_threads()
     numba.set_num_threads(min(nthreads, numba.config.NUMBA_NUM_THREADS))
     monkeypatch.setattr(_threads, "_nthreads", lambda: nthreads)  # the hook's choice whatever the machine
+
     def run():  # inference, and a training pass (the fused block returns the activations the backward needs)
         out, cache = m.forward(x, t)
         grads, dx = m.backward(np.cos(out), cache, return_input_grad=True)
         return [m(x, t), out, dx] + [grads[k] for k in m.params]
-    bwd_calls = []
-    real_bwd = cpu.resblock_backward
-
-    def counting_bwd(*a):
-        out = real_bwd(*a)
-        bwd_calls.append(out is not None)
-        return out
     try:
-        monkeypatch.setattr(cpu, "resblock_forward", counting)
-        monkeypatch.setattr(cpu, "resblock_backward", counting_bwd)
+        monkeypatch.setattr(cpu, "resblock_forward", counting(cpu.resblock_forward, calls))
+        monkeypatch.setattr(cpu, "resblock_backward", counting(cpu.resblock_backward, bwd_calls))
         fused = run()
         monkeypatch.setattr(cpu, "resblock_forward", None)
         monkeypatch.setattr(cpu, "resblock_backward", None)

@@ -169,7 +169,7 @@ def _run_split(kernel, nt, blas, *args):
     ``kernel`` is a ``nogil`` numba function whose result must not depend on ``nt`` (it only decides
     who computes what); ``blas``: hold BLAS to one thread while the shares run.
     """
-    if nt <= 1 or getattr(_SHARE, "active", False):  # inside a batch share: serial (no nested pool use)
+    if nt <= 1 or _in_share():  # inside a batch share: serial (no nested pool use)
         kernel(*args, 0, 1)
         return
     pool = _pool(nt - 1)

@@ -20,8 +20,8 @@ from difnumpy.kernels.cpu.conv import (_conv1x1_bwd_weight_finish, _conv1x1_bwd_
                                        _flipped, _wino_flipped_filters)
 from difnumpy.kernels.cpu.elementwise import _add_channel_bias_kernel, _add_kernel, _sum_hw_kernel, _sum_rows
 from difnumpy.kernels.cpu.groupnorm import _gn_bwd_kernel, _gn_fwd_kernel, _repeated
-from difnumpy.kernels.cpu.winograd import (_WINO_PAD, _wino_bands, _wino_bwd_weight_kernel, _wino_chunk,
-                                           _wino_filters, _wino_fwd_kernel, _wino_weight_grad_finish)
+from difnumpy.kernels.cpu.winograd import (_WINO_PAD, _wino_bwd_weight_kernel, _wino_filters, _wino_fwd_kernel,
+                                           _wino_geometry, _wino_weight_grad_finish)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -71,10 +71,8 @@ def resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w
         return None
     dt = x.dtype
     th, tw = (H + 1) // 2, (W + 1) // 2
-    G1 = _wino_chunk(th * tw, N, C, F, dt.itemsize)
-    G2 = _wino_chunk(th * tw, N, F, F, dt.itemsize)
-    nb1 = _wino_bands(th, tw, C, F, dt.itemsize) if G1 == 1 else 1
-    nb2 = _wino_bands(th, tw, F, F, dt.itemsize) if G2 == 1 else 1
+    G1, nb1, _ = _wino_geometry(N, C, F, th, tw, dt.itemsize)
+    G2, nb2, _ = _wino_geometry(N, F, F, th, tw, dt.itemsize)
     Ub1 = _wino_filters(w1)
     Ub2 = _wino_filters(w2)
     ge1, be1 = _repeated(gamma1, beta1, H * W, dt)
@@ -100,48 +98,45 @@ def _fused(N: int, C: int, F: int, H: int, W: int) -> bool:
 
 # ---- backward ----
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _conv_gn_bwd(d, xc, Ubf, Cin, zC, th, tw, Gi, nbi, Gw, dU, dw, db, xg, g, ge, be, m, r, groups, fast,
+                 dh, dx, dgp, dbp, dgamma, dbeta):
+    """Conv3x3(SiLU(GN(xg))) backward, xc = SiLU(GN(xg)) (Cin channels): the conv's input gradient ``dh``
+    (a forward conv with the flipped filters ``Ubf``), its weight and bias gradients, then GroupNorm+SiLU's
+    backward into ``dx`` and its gamma / beta gradients (part sums as the unfused calls make them)."""
+    F = d.shape[1]
+    _wino_fwd_kernel(d, Ubf, Cin, zC, th, tw, Gi, nbi, dh, 0, 1)
+    _wino_bwd_weight_kernel(d, xc, th, tw, Gw, dU, 0, 1)
+    _wino_weight_grad_finish(d, dU, F * Cin, dw, db)
+    _gn_bwd_kernel(dh, xg, g, ge, be, m, r, groups, True, fast, dx, dgp, dbp, 0, 1)
+    _sum_rows(dgp, Cin, dgamma)
+    _sum_rows(dbp, Cin, dbeta)
+
+
 @numba.njit(cache=True, nogil=True)
 def _res_bwd_a(dout, x, h1, h2, g2, ge2, be2, m2, r2, Ub2f, zF, th, tw, Gi2, nbi2, Gw2, dU2, dw2, db2,
                skip, wst, zC, dws_parts, dbs_parts, dws, dbs, groups, fast,
                dx_skip, dh, dh_gn, dgp2, dbp2, dgamma2, dbeta2, dtp):
     """From the block's output gradient to dtp (the time-embedding projection's gradient): the skip conv's
-    gradients (if any), conv2's input and weight gradients, GroupNorm2+SiLU's backward, sum over H, W."""
+    gradients (if any), conv2's and GroupNorm2+SiLU's backward, the sum over H, W."""
     N, F, H, W = dout.shape
     if skip:
         _conv1x1_fwd_kernel(dout, wst, zC, dx_skip, 0, 1)
         _conv1x1_bwd_weight_kernel(dout, x, dws_parts, dbs_parts, 0, 1)
         _conv1x1_bwd_weight_finish(dws_parts, dbs_parts, dws, dbs)
-    _wino_fwd_kernel(dout, Ub2f, F, zF, th, tw, Gi2, nbi2, dh, 0, 1)
-    _wino_bwd_weight_kernel(dout, h2, th, tw, Gw2, dU2, 0, 1)
-    _wino_weight_grad_finish(dout, dU2, F * F, dw2, db2)
-    _gn_bwd_kernel(dh, h1, g2, ge2, be2, m2, r2, groups, True, fast, dh_gn, dgp2, dbp2, 0, 1)
-    _sum_rows(dgp2, F, dgamma2)
-    _sum_rows(dbp2, F, dbeta2)
+    _conv_gn_bwd(dout, h2, Ub2f, F, zF, th, tw, Gi2, nbi2, Gw2, dU2, dw2, db2, h1, g2, ge2, be2, m2, r2, groups, fast,
+                 dh, dh_gn, dgp2, dbp2, dgamma2, dbeta2)
     _sum_hw_kernel(dh_gn.reshape(N, F, H * W), dtp)
 
 
 @numba.njit(cache=True, nogil=True)
 def _res_bwd_b(dh_gn, h0, x, Ub1f, zC, th, tw, Gi1, nbi1, Gw1, dU1, dw1, db1, g1, ge1, be1, m1, r1, groups,
                fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1, dx_skip):
-    """From dtp's block gradient to the block input's: conv1's input and weight gradients, GroupNorm1+SiLU's
-    backward, plus the skip path's gradient."""
-    C = x.shape[1]
-    F = dh_gn.shape[1]
-    _wino_fwd_kernel(dh_gn, Ub1f, C, zC, th, tw, Gi1, nbi1, dh1, 0, 1)
-    _wino_bwd_weight_kernel(dh_gn, h0, th, tw, Gw1, dU1, 0, 1)
-    _wino_weight_grad_finish(dh_gn, dU1, F * C, dw1, db1)
-    _gn_bwd_kernel(dh1, x, g1, ge1, be1, m1, r1, groups, True, fast, dx, dgp1, dbp1, 0, 1)
-    _sum_rows(dgp1, C, dgamma1)
-    _sum_rows(dbp1, C, dbeta1)
+    """From dtp's block gradient to the block input's: conv1's and GroupNorm1+SiLU's backward, plus the skip
+    path's gradient."""
+    _conv_gn_bwd(dh_gn, h0, Ub1f, x.shape[1], zC, th, tw, Gi1, nbi1, Gw1, dU1, dw1, db1, x, g1, ge1, be1, m1, r1,
+                 groups, fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1)
     _add_kernel(dx.reshape(-1), dx_skip.reshape(-1))
-
-
-def _wino_geometry(N, C, F, th, tw, itemsize):
-    """(G, nb, P) of a Winograd conv of C -> F channels as the unfused calls choose them: images per chunk,
-    bands per image (forward), fixed parts of the weight gradient."""
-    G = _wino_chunk(th * tw, N, C, F, itemsize)
-    nb = _wino_bands(th, tw, C, F, itemsize) if G == 1 else 1
-    return G, nb, _threads._parts((N + G - 1) // G)
 
 
 def resblock_backward(dout, x, h0, h1, h2, m1, r1, m2, r2, gamma1, beta1, w1, gamma2, beta2, w2, skip_w, groups,
@@ -175,10 +170,9 @@ def resblock_backward(dout, x, h0, h1, h2, m1, r1, m2, r2, gamma1, beta1, w1, ga
     fast = dt == np.float32
     dout = np.ascontiguousarray(dout, dtype=dt)
     skip = skip_w is not None
-    Gi2, nbi2, _ = _wino_geometry(N, F, F, th, tw, isz)  # conv2's input gradient: a forward F -> F
-    Gw2, _, P2 = _wino_geometry(N, F, F, th, tw, isz)  # its weight gradient
+    G2, nb2, P2 = _wino_geometry(N, F, F, th, tw, isz)  # conv2, F -> F: its input gradient and weight gradient
     Gi1, nbi1, _ = _wino_geometry(N, F, C, th, tw, isz)  # conv1's input gradient: a forward F -> C
-    Gw1, _, P1 = _wino_geometry(N, C, F, th, tw, isz)
+    Gw1, _, P1 = _wino_geometry(N, C, F, th, tw, isz)  # conv1's weight gradient
     ge1, be1 = _repeated(gamma1, beta1, H * W, dt)
     ge2, be2 = _repeated(gamma2, beta2, H * W, dt)
     g1 = np.ascontiguousarray(gamma1, dtype=dt)
@@ -201,7 +195,7 @@ def resblock_backward(dout, x, h0, h1, h2, m1, r1, m2, r2, gamma1, beta1, w1, ga
     dgp2, dbp2 = np.empty((N, F), np.float64), np.empty((N, F), np.float64)
     dgamma2, dbeta2, dtp = np.empty(F, dt), np.empty(F, dt), np.empty((N, F), dt)
     _res_bwd_a(dout, x, h1, h2, g2, ge2, be2, np.ascontiguousarray(m2, dtype=dt), np.ascontiguousarray(r2, dtype=dt),
-               _wino_flipped_filters(w2), np.zeros(F, dt), th, tw, Gi2, nbi2, Gw2, dU2, dw2, db2,
+               _wino_flipped_filters(w2), np.zeros(F, dt), th, tw, G2, nb2, G2, dU2, dw2, db2,
                skip, wst, np.zeros(C, dt), dws_parts, dbs_parts, dws, dbs, int(groups), fast,
                dx_skip, dh, dh_gn, dgp2, dbp2, dgamma2, dbeta2, dtp)
     dtemb_act = temb_backward(dtp)

@@ -413,6 +413,14 @@ def _wino_transform(w):
     return Ub
 
 
+def _wino_geometry(N, C, F, th, tw, itemsize):
+    """How a Winograd conv of N images, C -> F channels, th x tw tiles is cut: ``(G, nb, P)`` = images per
+    chunk, bands of tile rows per image (forward), fixed parts of the weight gradient. Shapes only."""
+    G = _wino_chunk(th * tw, N, C, F, itemsize)
+    nb = _wino_bands(th, tw, C, F, itemsize) if G == 1 else 1
+    return G, nb, _threads._parts((N + G - 1) // G)
+
+
 def _wino_filters(w):
     """``w``'s transform (:func:`_wino_transform`), computed once per pass or frozen scope (:func:`._threads.derived`)."""
     return _threads.derived("wino", w, lambda: _wino_transform(w))
@@ -424,8 +432,7 @@ def _wino_forward(x, Ub, b):
     N, C, H, W = x.shape
     F = b.shape[0]
     th, tw = (H + 1) // 2, (W + 1) // 2
-    G = _wino_chunk(th * tw, N, C, F, x.itemsize)
-    nb = _wino_bands(th, tw, C, F, x.itemsize) if G == 1 else 1
+    G, nb, _ = _wino_geometry(N, C, F, th, tw, x.itemsize)
     units = (N + G - 1) // G * nb
     nt = _threads._split_threads(units, 32.0 * N * th * tw * C * F)  # the 16 GEMMs' flops
     out = np.empty((N, F, H, W), x.dtype)
@@ -437,9 +444,7 @@ def _wino_backward_weight(dout, x):
     N, C, H, W = x.shape
     F = dout.shape[1]
     th, tw = (H + 1) // 2, (W + 1) // 2
-    G = _wino_chunk(th * tw, N, C, F, x.itemsize)
-    nchunks = (N + G - 1) // G
-    P = _threads._parts(nchunks)  # fixed parts, summed in part order: the same bits with any thread count
+    G, _, P = _wino_geometry(N, C, F, th, tw, x.itemsize)  # P fixed parts, summed in part order: any thread count
     dU_parts = (np.empty if N else np.zeros)((P, 16, F * C + _WINO_PAD), x.dtype)  # each part's first chunk writes it
     _threads._run_split(_wino_bwd_weight_kernel, _threads._split_threads(P, 32.0 * N * th * tw * C * F), True,
                         dout, x, th, tw, G, dU_parts)
