@@ -33,7 +33,6 @@ from difnumpy.kernels.cpu.elementwise import _bias_grad, _sum_rows
 # the points 0, +-1 (and 1/2 in G), so it is as accurate as the direct sum.
 
 _WINO_TILES = 256
-_DZ_MAX_W = 8  # images at most this wide build the weight gradient's Z planes in one pass (_wino_dz_tiles)
 _WINO_PAD = 48
 _WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 
@@ -155,109 +154,49 @@ def _wino_fwd_kernel(x, Ub, F, b, th, tw, G, nb, out, t, nthreads):
 
 
 @numba.njit(cache=True, nogil=True)
-def _wino_dy_tiles(dn, th, tw, Yf, PM, T, p0):
-    """Planes 2a+b of ``Yf`` (each (F, T), PM apart) get dn[f, 2ti + a, 2tj + b] at column p0 + ti*tw + tj.
+def _wino_dz(dn, th, tw, dh, rz, Zf, PM, p0):
+    """Z[k][p0 + ti*tw + tj, :] = (A y A^T)[k] for the 2x2 output-gradient tiles y of image ``dn`` (F, H, W).
 
-    A function of its own: inlined in the backward kernel the same loops ran 3x slower (measured).
+    Like :func:`_wino_input`, vectorised over channels: the image is first transposed into ``dh`` (2*th
+    rows of 2*tw pixels x F, columns 2J and 2J+1 stored at J and tw+J; zero outside the image, which
+    only odd sizes read), so that every step is one contiguous loop over a tile row's tw*F values.
+    Rows R_0 = y_0, R_1 = y_0 + y_1, R_2 = y_0 - y_1, R_3 = -y_1, then Z_{q0} = R_{q0}, Z_{q1} = R_{q0} + R_{q1},
+    Z_{q2} = R_{q0} - R_{q1}, Z_{q3} = -R_{q1}. Plane k of Z starts at ``Zf[k * PM]``, tile p at ``p * F``;
+    ``rz``: 2*tw*F scratch. Against the earlier (F, tiles) planes (per-tile scalar stores up to 8 wide, a
+    strided gather and 24 plane passes above), the whole weight gradient, 1 thread: 64 -> 64 at 4x4, 64
+    images 584 -> 404 us; 32 -> 32 at 8x8 636 -> 484 us; 32 -> 32 at 28x28, 16 images 1696 -> 1411 us.
     """
     F, H, W = dn.shape
-    W2 = W >> 1
-    TT = th * tw
-    zero = dn.dtype.type(0.0)
-    for f in range(F):
-        src = dn[f]
-        s = f * T + p0
-        y00 = Yf[s:s + TT]
-        y01 = Yf[PM + s:PM + s + TT]
-        y10 = Yf[2 * PM + s:2 * PM + s + TT]
-        y11 = Yf[3 * PM + s:3 * PM + s + TT]
-        for ti in range(H >> 1):
-            r0 = src[2 * ti]
-            r1 = src[2 * ti + 1]
-            o = ti * tw
-            for tj in range(W2):
-                y00[o + tj] = r0[2 * tj]
-                y01[o + tj] = r0[2 * tj + 1]
-                y10[o + tj] = r1[2 * tj]
-                y11[o + tj] = r1[2 * tj + 1]
-        # odd sizes: the last tile column / row reaches outside the image. Kept out of the loop
-        # above: the never-taken branch in it made LLVM's code 8x slower at 8x8 (measured).
-        if W & 1:
-            for i in range(H):
-                o = (i >> 1) * tw + tw - 1
-                if i & 1:
-                    y10[o] = src[i, W - 1]
-                    y11[o] = zero
-                else:
-                    y00[o] = src[i, W - 1]
-                    y01[o] = zero
-        if H & 1:
-            o = (th - 1) * tw
-            r0 = src[H - 1]
-            for tj in range(W2):
-                y00[o + tj] = r0[2 * tj]
-                y01[o + tj] = r0[2 * tj + 1]
-            y10[o:o + tw] = zero
-            y11[o:o + tw] = zero
-
-
-@numba.njit(cache=True, inline="always")
-def _z16(y00, y01, y10, y11, Zf, PM, o):
-    """Z = (A y A^T)-side transform of one tile's 2x2 gradient y into the 16 planes of ``Zf`` at column o:
-    rows R_0 = y_0, R_1 = y_0 + y_1, R_2 = y_0 - y_1, R_3 = -y_1, then Z_{q0} = R_{q0}, Z_{q1} = R_{q0} + R_{q1},
-    Z_{q2} = R_{q0} - R_{q1}, Z_{q3} = -R_{q1} (the planes :func:`_wino_bwd_weight_chunk` builds in passes)."""
-    a0 = y00 + y10
-    a1 = y01 + y11
-    b0 = y00 - y10
-    b1 = y01 - y11
-    Zf[o] = y00
-    Zf[PM + o] = y00 + y01
-    Zf[2 * PM + o] = y00 - y01
-    Zf[3 * PM + o] = -y01
-    Zf[4 * PM + o] = a0
-    Zf[5 * PM + o] = a0 + a1
-    Zf[6 * PM + o] = a0 - a1
-    Zf[7 * PM + o] = -a1
-    Zf[8 * PM + o] = b0
-    Zf[9 * PM + o] = b0 + b1
-    Zf[10 * PM + o] = b0 - b1
-    Zf[11 * PM + o] = -b1
-    Zf[12 * PM + o] = -y10
-    Zf[13 * PM + o] = -y10 - y11
-    Zf[14 * PM + o] = y11 - y10
-    Zf[15 * PM + o] = y11
-
-
-@numba.njit(cache=True, nogil=True)
-def _wino_dz_tiles(dn, th, tw, Zf, PM, T, p0):
-    """The 16 planes Z of image ``dn`` (F, H, W)'s output-gradient tiles in one pass (small images).
-
-    For images up to 8 pixels wide the gather of :func:`_wino_dy_tiles` and the 24 short plane passes
-    after it cost more than this one pass with 16 scalar stores per tile (measured at batch 64: 64 channels
-    at 4x4 378 -> 168 us, 32 channels at 8x8 300 -> 230 us); at 28x28 it is slower (1.9 -> 2.5 ms).
-    """
-    F, H, W = dn.shape
-    zero = dn.dtype.type(0.0)
-    W2 = W >> 1
-    for f in range(F):
-        src = dn[f]
-        base = f * T + p0
-        for ti in range(H >> 1):
-            r0 = src[2 * ti]
-            r1 = src[2 * ti + 1]
-            o = base + ti * tw
-            for tj in range(W2):
-                _z16(r0[2 * tj], r0[2 * tj + 1], r1[2 * tj], r1[2 * tj + 1], Zf, PM, o + tj)
-        # odd sizes: the last tile column / row reaches outside the image (zeros there)
-        if W & 1:
-            for ti in range(th):
-                y1 = src[2 * ti + 1, W - 1] if 2 * ti + 1 < H else zero
-                _z16(src[2 * ti, W - 1], zero, y1, zero, Zf, PM, base + ti * tw + tw - 1)
-        if H & 1:
-            r0 = src[H - 1]
-            o = base + (th - 1) * tw
-            for tj in range(W2):
-                _z16(r0[2 * tj], r0[2 * tj + 1], zero, zero, Zf, PM, o + tj)
+    L = tw * F
+    RW = 2 * L
+    for i in range(H):
+        for j in range(W):
+            o = i * RW + ((j & 1) * tw + (j >> 1)) * F
+            row = dh[o:o + F]
+            for f in range(F):
+                row[f] = dn[f, i, j]
+    one = dh.dtype.type(1.0)
+    zero = dh.dtype.type(0.0)
+    r0 = rz[0:L]
+    r1 = rz[L:2 * L]
+    for ti in range(th):
+        r = 2 * ti * RW
+        y00 = dh[r:r + L]
+        y01 = dh[r + L:r + RW]
+        y10 = dh[r + RW:r + RW + L]
+        y11 = dh[r + RW + L:r + 2 * RW]
+        o = (p0 + ti * tw) * F
+        for q in range(4):
+            # R_q = sa * (row 0) + sb * (row 1): (1, 0), (1, 1), (1, -1), (0, -1)
+            sa = zero if q == 3 else one
+            sb = zero if q == 0 else (one if q == 1 else -one)
+            _axpby(y00, sa, y10, sb, r0)
+            _axpby(y01, sa, y11, sb, r1)
+            k = 4 * q * PM + o
+            _axpby(r0, one, r1, zero, Zf[k:k + L])
+            _axpby(r0, one, r1, one, Zf[k + PM:k + PM + L])
+            _axpby(r0, one, r1, -one, Zf[k + 2 * PM:k + 2 * PM + L])
+            _axpby(r0, zero, r1, -one, Zf[k + 3 * PM:k + 3 * PM + L])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -275,22 +214,20 @@ def _wino_bwd_weight_kernel(dout, x, th, tw, G, dU_parts, t, nthreads):
     xh = np.zeros((2 * th + 2) * (2 * tw + 2) * C, x.dtype)
     rt = np.empty(4 * (2 * tw + 2) * C, x.dtype)
     Vf = np.empty(16 * PV, x.dtype)
-    Yf = np.empty(4 * PM, x.dtype)
-    Rf = np.empty(8 * PM, x.dtype)
+    dh = np.zeros(4 * th * tw * F, x.dtype)
+    rz = np.empty(2 * tw * F, x.dtype)
     Zf = np.empty(16 * PM, x.dtype)
     tmp = np.empty((F, C), x.dtype)
-    one = x.dtype.type(1.0)
-    zero = x.dtype.type(0.0)
     P = dU_parts.shape[0]
     for p in range(t, P, nthreads):
         dU = dU_parts[p]  # (16, >= F*C)
         for ch in range(p * nchunks // P, (p + 1) * nchunks // P):
-            _wino_bwd_weight_chunk(dout, x, th, tw, G, ch, ch == p * nchunks // P, dU, xh, rt, Vf, Yf, Rf, Zf, tmp,
-                                   PV, PM, one, zero)
+            _wino_bwd_weight_chunk(dout, x, th, tw, G, ch, ch == p * nchunks // P, dU, xh, rt, Vf, dh, rz, Zf, tmp,
+                                   PV, PM)
 
 
 @numba.njit(cache=True, nogil=True)
-def _wino_bwd_weight_chunk(dout, x, th, tw, G, ch, first, dU, xh, rt, Vf, Yf, Rf, Zf, tmp, PV, PM, one, zero):
+def _wino_bwd_weight_chunk(dout, x, th, tw, G, ch, first, dU, xh, rt, Vf, dh, rz, Zf, tmp, PV, PM):
     """Chunk ``ch``'s term of dU: written into ``dU`` when ``first``, else added to it."""
     N, C = x.shape[0], x.shape[1]
     F = dout.shape[1]
@@ -298,34 +235,12 @@ def _wino_bwd_weight_chunk(dout, x, th, tw, G, ch, first, dU, xh, rt, Vf, Yf, Rf
     n0 = ch * G
     g = min(G, N - n0)
     T = g * TT
-    FT = F * T
-    small = x.shape[3] <= _DZ_MAX_W
     for gg in range(g):
         _wino_input(x[n0 + gg], th, tw, 0, th, xh, rt, Vf, PV, gg * TT)
-        if small:
-            _wino_dz_tiles(dout[n0 + gg], th, tw, Zf, PM, T, gg * TT)
-        else:
-            _wino_dy_tiles(dout[n0 + gg], th, tw, Yf, PM, T, gg * TT)
-    # A dY (rows): R_{0b} = y_{0b}, R_{1b} = y_{0b} + y_{1b}, R_{2b} = y_{0b} - y_{1b}, R_{3b} = -y_{1b}
-    for bb in range(2 if not small else 0):
-        y0 = Yf[bb * PM:bb * PM + FT]
-        y1 = Yf[(2 + bb) * PM:(2 + bb) * PM + FT]
-        _axpby(y0, one, y1, zero, Rf[bb * PM:bb * PM + FT])
-        _axpby(y0, one, y1, one, Rf[(2 + bb) * PM:(2 + bb) * PM + FT])
-        _axpby(y0, one, y1, -one, Rf[(4 + bb) * PM:(4 + bb) * PM + FT])
-        _axpby(y0, zero, y1, -one, Rf[(6 + bb) * PM:(6 + bb) * PM + FT])
-    # (.) A^T (columns): Z_{q0} = R_{q0}, Z_{q1} = R_{q0} + R_{q1}, Z_{q2} = R_{q0} - R_{q1}, Z_{q3} = -R_{q1}
-    for q in range(4 if not small else 0):
-        r0 = Rf[2 * q * PM:2 * q * PM + FT]
-        r1 = Rf[(2 * q + 1) * PM:(2 * q + 1) * PM + FT]
-        k = 4 * q
-        _axpby(r0, one, r1, zero, Zf[k * PM:k * PM + FT])
-        _axpby(r0, one, r1, one, Zf[(k + 1) * PM:(k + 1) * PM + FT])
-        _axpby(r0, one, r1, -one, Zf[(k + 2) * PM:(k + 2) * PM + FT])
-        _axpby(r0, zero, r1, -one, Zf[(k + 3) * PM:(k + 3) * PM + FT])
+        _wino_dz(dout[n0 + gg], th, tw, dh, rz, Zf, PM, gg * TT)
     for k in range(16):
-        # dU[k] (F, C) += Z[k] (F, T) @ V[k] (T, C)
-        Zk = Zf[k * PM:k * PM + FT].reshape(F, T)
+        # dU[k] (F, C) += Z[k]^T (F, T) @ V[k] (T, C); Z[k] is stored (T, F), a transposed operand for BLAS
+        Zk = Zf[k * PM:k * PM + T * F].reshape(T, F).T
         Vk = Vf[k * PV:k * PV + T * C].reshape(T, C)
         if first:
             np.dot(Zk, Vk, dU[k, :F * C].reshape(F, C))
