@@ -323,3 +323,37 @@ def test_cpu_adam_update_many_is_adam_update_on_each_array(dtype, wd, monkeypatc
     monkeypatch.setattr(cpu, "adam_update_many", lambda *a: calls.append(len(a[0])))
     Adam({"a": np.ones(3, dtype), "b": np.ones(2, dtype)}).step({"a": np.ones(3, dtype), "b": np.ones(2, dtype)})
     assert calls == [2]
+
+
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_cpu_adam_update_many_shared_by_threads_gives_the_same_bits(nthreads, monkeypatch):
+    """With the arrays shared by the threads (threshold patched to 0), every element gets the bits of one
+    adam_update call; the shares are consecutive arrays of about equal total size."""
+    from difnumpy.kernels.cpu import _threads, optim as cpu_optim
+    monkeypatch.setattr(cpu_optim, "_ADAM_SPLIT_MIN", 0)
+    monkeypatch.setattr(_threads, "_nthreads", lambda: nthreads)
+    rng = np.random.default_rng(5)
+    shapes = [(300,), (7, 3), (1,), (64, 2), (5,)]
+    ps = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ms = [(0.1 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
+    vs = [(0.1 * np.abs(rng.standard_normal(s))).astype(np.float32) for s in shapes]
+    gs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ref = [[a.copy() for a in lst] for lst in (ps, ms, vs)]
+    before = [a.copy() for a in ps]
+    for p, g, m, v in zip(ref[0], gs, ref[1], ref[2]):
+        cpu.adam_update(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.01, 3)
+    cpu.adam_update_many(ps, gs, ms, vs, 1e-2, 0.9, 0.999, 1e-8, 0.01, 3)
+    for a, b in zip(ref[0] + ref[1] + ref[2], ps + ms + vs):
+        np.testing.assert_array_equal(a, b)
+    assert all(not np.array_equal(a, b) for a, b in zip(before, ps))  # every array was updated
+    with pytest.raises(ValueError, match="one length"):
+        cpu.adam_update_many(ps, gs[:-1], ms, vs, 1e-2, 0.9, 0.999, 1e-8, 0.0, 1)
+
+
+def test_adam_cuts_balance_the_elements():
+    from difnumpy.kernels.cpu.optim import _adam_cuts
+    assert _adam_cuts([5, 5, 5, 5], 2).tolist() == [0, 2, 4]
+    assert _adam_cuts([100, 1, 1], 2).tolist() == [0, 1, 3]
+    assert _adam_cuts([1, 1, 100], 2).tolist() == [0, 2, 3]
+    assert _adam_cuts([1] * 10, 3).tolist() == [0, 3, 7, 10]
+    assert _adam_cuts([4], 1).tolist() == [0, 1]
