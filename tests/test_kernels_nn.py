@@ -61,11 +61,31 @@ WINO_CASES = [(1, 1, 1, 1, 1), (2, 3, 1, 5, 2), (2, 2, 5, 1, 3), (3, 5, 7, 9, 4)
 # both, with odd heights and widths)
 
 
+def test_few_input_channels_take_the_wide_row_path():
+    """3x3 convs with fewer than _WINO_MIN_C input channels (the U-Net's stem; its output conv's input gradient,
+    a forward conv of 1 channel) use the wide-row im2col, the others Winograd; both agree with the reference."""
+    lo = cpu_conv._WINO_MIN_C - 1
+    assert cpu_conv._conv_mode(3, 3, 1, 1, lo) == 0 and cpu_conv._conv_mode(3, 3, 1, 1, lo + 1) == 3
+    rng = np.random.default_rng(11)
+    for C, F in ((1, 6), (6, 1)):
+        x = rng.standard_normal((3, C, 7, 8))
+        w = rng.standard_normal((F, C, 3, 3))
+        b = rng.standard_normal(F)
+        d = rng.standard_normal((3, F, 7, 8))
+        got = (cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(d, w, x.shape, 1, 1),
+               *cpu.conv2d_backward_weight(d, x, w.shape, 1, 1))
+        want = (ref.conv2d_forward(x, w, b, 1, 1), ref.conv2d_backward_input(d, w, x.shape, 1, 1),
+                *ref.conv2d_backward_weight(d, x, w.shape, 1, 1))
+        for g, r in zip(got, want):
+            _close(g, r, np.float64)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", WINO_CASES)
 def test_winograd_conv_matches_reference_and_im2col(case, dtype, monkeypatch):
     N, C, H, W, F = case
-    assert cpu_conv._conv_mode(3, 3, 1, 1) == 3  # the path under test is the one the U-Net takes
+    monkeypatch.setattr(cpu_conv, "_WINO_MIN_C", 1)  # Winograd for every C here (the U-Net's stem skips it)
+    assert cpu_conv._conv_mode(3, 3, 1, 1, C) == 3 and cpu_conv._conv_mode(3, 3, 1, 1, F) == 3
     rng = np.random.default_rng(sum(case))
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     w = rng.standard_normal((F, C, 3, 3)).astype(dtype)

@@ -105,7 +105,8 @@ def test_conv_kernels_same_bits_with_any_thread_count(case, winograd, dtype, way
     Ho, Wo = (H + 2 * p - K) // s + 1, (W + 2 * p - K) // s + 1
     dout = rng.standard_normal((N, F, Ho, Wo)).astype(dtype)
     monkeypatch.setattr(cpu_conv, "USE_WINOGRAD", winograd)  # the flag is read in cpu.conv
-    assert (cpu_conv._conv_mode(K, K, s, p) == 3) == (winograd and K == 3 and s == 1 and p == 1)
+    monkeypatch.setattr(cpu_conv, "_WINO_MIN_C", 1)  # Winograd for every channel count here
+    assert (cpu_conv._conv_mode(K, K, s, p, C) == 3) == (winograd and K == 3 and s == 1 and p == 1)
 
     def run():
         return (cpu.conv2d_forward(x, w, b, s, p), cpu.conv2d_backward_input(dout, w, x.shape, s, p),

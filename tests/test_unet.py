@@ -325,8 +325,11 @@ def _count_transforms(monkeypatch):
 
 
 def _winograd_convs(model):
-    """The model's 3x3 stride-1 convs (the Downsample convs are stride 2)."""
-    return sum(1 for k, p in model.params.items() if p.ndim == 4 and p.shape[2] == 3 and "downsample" not in k)
+    """The model's 3x3 stride-1 convs that take the Winograd path (the Downsample convs are stride 2; a conv of
+    fewer than _WINO_MIN_C input channels, the stem, uses the wide-row im2col)."""
+    from difnumpy.kernels.cpu import conv as cpu_conv
+    return sum(1 for k, p in model.params.items() if p.ndim == 4 and p.shape[2] == 3 and "downsample" not in k
+               and p.shape[1] >= cpu_conv._WINO_MIN_C)
 
 
 def test_frozen_model_is_read_only_and_gives_the_same_bits(rng):
