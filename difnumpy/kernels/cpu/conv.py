@@ -469,7 +469,7 @@ def _flipped(w):
 
 def _wino_flipped_filters(w):
     """The Winograd transform of :func:`_flipped` ``w``, kept for the pass under ``w``'s own identity."""
-    return _threads.derived("wino_flipped", w, lambda: _wino._wino_transform(_flipped(w)))
+    return _threads.derived("wino_flipped", w, lambda: _wino._wino_transform(w, flip=True))
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})

@@ -262,27 +262,59 @@ def _gt_rows(u0, u1, u2, u3, h):
 
 
 @numba.njit(cache=True, nogil=True)
-def _wino_weights(w, Ub):
+def _wino_weights(w, flip, Ub):
     """Ub[4k + l, c*F + f] = (G w[f, c] G^T)[k, l]: plane k of ``Ub`` (16, >= C*F) is U[k]^T, shape (C, F).
 
-    Planes are padded apart (``Ub.shape[1] > C*F``) and written in order: 16 plane streams a power of
-    two apart conflicted in L1 (8x slower).
+    ``flip``: the transform of the input gradient's filters instead, ``w~[c, f, u, v] = w[f, c, 2-u, 2-v]``
+    (an F -> C conv): Ub[4k + l, f*C + c] = (G w~[c, f] G^T)[k, l], without building ``w~``.
+    Vectorised over the output row (f, or c when flipped): the 9 taps of one input channel are gathered
+    into rows of ``g`` first, then every plane's row is one contiguous loop (the same arithmetic, so the same
+    bits, as per-filter scalar stores into the 16 planes, which took 0.79 ms for the default U-Net's filters
+    and 0.90 ms for the flipped ones after a flipped copy; now 0.37 and 0.29 ms, measured).
     """
     F, C = w.shape[0], w.shape[1]
+    A, B = (F, C) if flip else (C, F)
     h = w.dtype.type(0.5)
-    wf = w.reshape(F, C * 9)
-    for c in range(C):
-        for f in range(F):
-            g = wf[f, 9 * c:9 * c + 9]
-            a0, a1, a2, a3 = _g_rows(g[0], g[3], g[6], h)  # column 0 of G g
-            b0, b1, b2, b3 = _g_rows(g[1], g[4], g[7], h)
-            c0, c1, c2, c3 = _g_rows(g[2], g[5], g[8], h)
-            q = c * F + f
-            # row k of (G g) G^T
-            Ub[0, q], Ub[1, q], Ub[2, q], Ub[3, q] = _g_rows(a0, b0, c0, h)
-            Ub[4, q], Ub[5, q], Ub[6, q], Ub[7, q] = _g_rows(a1, b1, c1, h)
-            Ub[8, q], Ub[9, q], Ub[10, q], Ub[11, q] = _g_rows(a2, b2, c2, h)
-            Ub[12, q], Ub[13, q], Ub[14, q], Ub[15, q] = _g_rows(a3, b3, c3, h)
+    g = np.empty((9, B), w.dtype)
+    r = np.empty((12, B), w.dtype)  # G g: rows 4 * column + k
+    w2 = w.reshape(F, C * 9)
+    for a in range(A):
+        if flip:
+            wa = w[a].reshape(B, 9)  # the 9 taps of w[a, bb] are contiguous: read them in order
+            for bb in range(B):
+                for q in range(9):
+                    g[8 - q, bb] = wa[bb, q]
+        else:
+            for bb in range(B):
+                for q in range(9):
+                    g[q, bb] = w2[bb, 9 * a + q]
+        for col in range(3):  # column col of G g: _g_rows(g[col], g[3 + col], g[6 + col])
+            g0 = g[col]
+            g1 = g[3 + col]
+            g2 = g[6 + col]
+            r0 = r[4 * col]
+            r1 = r[4 * col + 1]
+            r2 = r[4 * col + 2]
+            r3 = r[4 * col + 3]
+            for bb in range(B):
+                r0[bb] = g0[bb]
+                r1[bb] = h * (g0[bb] + g1[bb] + g2[bb])
+                r2[bb] = h * (g0[bb] - g1[bb] + g2[bb])
+                r3[bb] = g2[bb]
+        o = a * B
+        for k in range(4):  # row k of (G g) G^T: _g_rows over the three columns' entry k
+            x0 = r[k]
+            x1 = r[4 + k]
+            x2 = r[8 + k]
+            u0 = Ub[4 * k, o:o + B]
+            u1 = Ub[4 * k + 1, o:o + B]
+            u2 = Ub[4 * k + 2, o:o + B]
+            u3 = Ub[4 * k + 3, o:o + B]
+            for bb in range(B):
+                u0[bb] = x0[bb]
+                u1[bb] = h * (x0[bb] + x1[bb] + x2[bb])
+                u2[bb] = h * (x0[bb] - x1[bb] + x2[bb])
+                u3[bb] = x2[bb]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -320,11 +352,12 @@ def _wino_bands(th, tw, C, F, itemsize):
     return max(1, min(th, -(-(th * tw) // _wino_tiles(C, F, itemsize))))
 
 
-def _wino_transform(w):
-    """The transformed filters of ``w`` (F, C, 3, 3): ``Ub`` (16, C*F + pad), plane k = U[k]^T (C, F)."""
+def _wino_transform(w, flip=False):
+    """The transformed filters of ``w`` (F, C, 3, 3): ``Ub`` (16, C*F + pad), plane k = U[k]^T (C, F); with
+    ``flip`` those of the input gradient's conv (C -> F channels swapped, the kernel rotated 180 degrees)."""
     F, C = w.shape[0], w.shape[1]
     Ub = np.empty((16, C * F + _WINO_PAD), w.dtype)
-    _wino_weights(w, Ub)
+    _wino_weights(np.ascontiguousarray(w), bool(flip), Ub)
     return Ub
 
 
