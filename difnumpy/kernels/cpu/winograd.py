@@ -361,12 +361,23 @@ def _wino_transform(w, flip=False):
     return Ub
 
 
+_GEOMETRY = {}  # (shapes, the rules in force) -> geometry: a pass asks ~12 times, ~3 us of Python each
+
+
 def _wino_geometry(N, C, F, th, tw, itemsize):
     """How a Winograd conv of N images, C -> F channels, th x tw tiles is cut: ``(G, nb, P)`` = images per
-    chunk, bands of tile rows per image (forward), fixed parts of the weight gradient. Shapes only."""
-    G = _wino_chunk(th * tw, N, C, F, itemsize)
-    nb = _wino_bands(th, tw, C, F, itemsize) if G == 1 else 1
-    return G, nb, _threads._parts((N + G - 1) // G)
+    chunk, bands of tile rows per image (forward), fixed parts of the weight gradient. Shapes only (cached;
+    the key holds the rule functions too, so a test that patches one gets its own entries)."""
+    key = (N, C, F, th, tw, itemsize, _wino_chunk, _wino_bands, _wino_tiles, _WINO_TILES, _threads._parts)
+    geo = _GEOMETRY.get(key)
+    if geo is None:
+        G = _wino_chunk(th * tw, N, C, F, itemsize)
+        nb = _wino_bands(th, tw, C, F, itemsize) if G == 1 else 1
+        geo = _GEOMETRY[key] = (G, nb, _threads._parts((N + G - 1) // G))
+        if len(_GEOMETRY) > 4096:  # bounded: a long run over many shapes starts afresh
+            _GEOMETRY.clear()
+            _GEOMETRY[key] = geo
+    return geo
 
 
 def _wino_filters(w):
