@@ -18,6 +18,7 @@ on every backend, so the same seed gives the same samples on every backend (to f
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -253,7 +254,7 @@ def ddim_coefficients(schedule: Schedule, tt: np.ndarray, pt: np.ndarray, eta: f
 def _fused_update(x_t, model_output, noise, A, B, C, D, E, lo, hi, backend):
     kern = get_backend(backend)
     shape = tuple(int(s) for s in x_t.shape)
-    n, m = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    n, m = shape[0], math.prod(shape[1:])
     dt = np.dtype(x_t.dtype)
     # NumPy in -> NumPy out on every backend; native (device) arrays in -> native out
     arr = (lambda a: np.ascontiguousarray(a, dtype=dt)) if isinstance(x_t, np.ndarray) else \
@@ -262,7 +263,9 @@ def _fused_update(x_t, model_output, noise, A, B, C, D, E, lo, hi, backend):
         # E is zero wherever noise is absent; any finite array of the right shape will do and
         # x_t avoids allocating one (0 * x_t == 0 exactly).
         noise = x_t
-    coef = np.stack([A, B, C, D, E], axis=1).astype(np.float64)
+    coef = np.empty((n, 5), np.float64)  # columns A, B, C, D, E (np.stack cost ~7 us a step)
+    for j, c in enumerate((A, B, C, D, E)):
+        coef[:, j] = c
     x_prev, x0 = kern.sampler_update(arr(x_t).reshape(n, m), arr(model_output).reshape(n, m),
                                      arr(noise).reshape(n, m), coef, lo, hi)
     return x_prev.reshape(shape), x0.reshape(shape)
@@ -397,8 +400,8 @@ def ddim_step(schedule: Schedule, model_output: np.ndarray, t, prev_t, x_t: np.n
     if prev_t is None:
         raise ValueError("prev_t is required for ddim_step (-1 for the final step)")
     pt = _prev_timesteps(tt, prev_t, schedule, n)
-    _check_ddim_args(schedule, tt, pt, eta, final_alpha_cumprod)
-    A, B, C, D, sigma = ddim_coefficients(schedule, tt, pt, float(eta), prediction_type, final_alpha_cumprod)
+    # ddim_coefficients checks eta and final_alpha_cumprod (_check_ddim_args)
+    A, B, C, D, sigma = ddim_coefficients(schedule, tt, pt, eta, prediction_type, final_alpha_cumprod)
     A, B, lo, hi = _clip_bounds(x_t, model_output, A, B, clip_sample=clip_sample, clip_range=clip_range,
                                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                 sample_max_value=sample_max_value)
