@@ -57,8 +57,8 @@ def test_conv2d_kernels_match_reference(case, dtype):
 # are all padding but the centre; N = 70 at 8x8 spans several chunks (and both threads of a 2-core run).
 WINO_CASES = [(1, 1, 1, 1, 1), (2, 3, 1, 5, 2), (2, 2, 5, 1, 3), (3, 5, 7, 9, 4), (2, 4, 4, 4, 6),
               (70, 3, 8, 8, 5), (3, 17, 6, 10, 33), (2, 3, 7, 6, 4)]
-# (widths up to 8 build the weight gradient's tile transforms in one pass, wider ones in plane passes:
-# both, with odd heights and widths)
+# (odd heights and widths: the weight gradient's output-gradient transform reads the zero row / column
+# past the image)
 
 
 def test_few_input_channels_take_the_wide_row_path():

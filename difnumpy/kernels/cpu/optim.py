@@ -1,6 +1,7 @@
 """Optimizer kernels: Adam/AdamW and the EMA of the weights (twins in :mod:`difnumpy.kernels.reference`).
 
-One fused serial pass over the flattened arrays each (memory bound; no result depends on threads).
+One fused pass over each flattened array (memory bound); :func:`adam_update_many` shares whole arrays
+between the threads, so no result depends on the thread count.
 """
 from __future__ import annotations
 
