@@ -461,3 +461,23 @@ def test_fused_resblock_gives_the_unfused_bits(dtype, batch, hw, nthreads, monke
         assert not all(calls) and any(calls)  # the 96 -> 32 block at 28x28, 3 images: its convs shared out
     else:
         assert all(calls)
+
+
+def test_fused_resblock_declines_where_the_unfused_convs_are_not_winograd(monkeypatch, rng):
+    """The fused ResBlock kernels are Winograd's: where the unfused calls take another path (fewer than
+    _WINO_MIN_C channels, or USE_WINOGRAD off) the hook declines, so the two ways never differ in bits."""
+    from difnumpy.kernels.cpu import conv as cpu_conv, resblock
+
+    def block(C, F):
+        x = rng.standard_normal((2, C, 8, 8)).astype(np.float32)
+        z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+        o = lambda *s: np.ones(s, np.float32)  # noqa: E731
+        skip = (rng.standard_normal((F, C, 1, 1)).astype(np.float32), z(F)) if C != F else (None, None)
+        return resblock.resblock_forward(x, o(C), z(C), rng.standard_normal((F, C, 3, 3)).astype(np.float32), z(F),
+                                         z(2, F), o(F), z(F), rng.standard_normal((F, F, 3, 3)).astype(np.float32),
+                                         z(F), *skip, 1, 1e-5)  # groups=1: any C
+    lo = cpu_conv._WINO_MIN_C
+    assert block(lo, lo) is not None and block(lo, 2 * lo) is not None
+    assert block(lo - 1, lo) is None and block(lo, lo - 1) is None
+    monkeypatch.setattr(cpu_conv, "USE_WINOGRAD", False)
+    assert block(lo, lo) is None

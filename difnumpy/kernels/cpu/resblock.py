@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from difnumpy.kernels.cpu import _threads
+from difnumpy.kernels.cpu import conv as _conv
 from difnumpy.kernels.cpu.conv import (_conv1x1_bwd_weight_finish, _conv1x1_bwd_weight_kernel, _conv1x1_fwd_kernel,
                                        _flipped, _wino_flipped_filters)
 from difnumpy.kernels.cpu.elementwise import _add_channel_bias_kernel, _add_kernel, _sum_hw_kernel, _sum_rows
@@ -90,7 +91,11 @@ def resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w
 
 def _fused(N: int, C: int, F: int, H: int, W: int) -> bool:
     """Whether to fuse a ResBlock of this size: inside a batch share (its kernels run serially there anyway),
-    or when none of its convs is big enough to be shared out over the threads."""
+    or when none of its convs is big enough to be shared out over the threads. Never where the unfused
+    calls would not take the Winograd path (``conv.USE_WINOGRAD`` off, or fewer than ``conv._WINO_MIN_C``
+    channels): the fused kernels are Winograd's, and the two ways must give the same bits."""
+    if not (_conv.USE_WINOGRAD and min(C, F) >= _conv._WINO_MIN_C):
+        return False
     if _threads._nthreads() == 1 or _threads._in_share():
         return True
     return 32.0 * N * ((H + 1) // 2) * ((W + 1) // 2) * max(C, F) * F < _threads.SPLIT_MIN_FLOPS
