@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from difnumpy.kernels.cpu import _threads
-from difnumpy.kernels.cpu.elementwise import _sum_rows
+from difnumpy.kernels.cpu.elementwise import _bias_grad, _sum_rows
 from difnumpy.kernels.cpu import winograd as _wino
 from difnumpy.kernels.cpu.winograd import _wino_backward_weight, _wino_forward
 
@@ -221,17 +221,6 @@ def _pix_cols(xf, C, KH, KW, stride, Wp, Ho, Wo, cols, r0):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pix_rows(dn, rows, r0):
-    """rows[r0 + i*Wo + j, f] = dn[f, i, j]: an output (gradient) image (F, Ho, Wo) pixel-major."""
-    F, Ho, Wo = dn.shape
-    for i in range(Ho):
-        for j in range(Wo):
-            row = rows[r0 + i * Wo + j]
-            for f in range(F):
-                row[f] = dn[f, i, j]
-
-
-@numba.njit(cache=True, nogil=True)
 def _conv_pix_fwd_kernel(x, wt, b, KH, KW, stride, pad, Ho, Wo, G, out, t, nthreads):
     """out = conv(x) + b for chunks of G images: ``cols (G*Ho*Wo, K) @ wt (K, F)``, K = KH*KW*C in (kh, kw, c) order."""
     N, C, H, W = x.shape
@@ -280,8 +269,8 @@ def _conv_pix_bwd_input_kernel(dout, wtt, KH, KW, stride, pad, G, dx, t, nthread
         g = min(G, N - n0)
         dp = dpbuf[:g * L * F].reshape(g * L, F)
         dcols = dcbuf[:g * L * K].reshape(g * L, K)
-        for gg in range(g):
-            _pix_rows(dout[n0 + gg], dp, gg * L)
+        for gg in range(g):  # the output gradient pixel-major: an HWC copy without border
+            _to_hwc(dout[n0 + gg], 0, dpbuf[gg * L * F:(gg + 1) * L * F])
         np.dot(dp, wtt, dcols)
         for gg in range(g):
             dxf[:] = 0
@@ -304,9 +293,9 @@ def _conv_pix_bwd_input_kernel(dout, wtt, KH, KW, stride, pad, G, dx, t, nthread
 
 
 @numba.njit(cache=True, nogil=True)
-def _conv_pix_bwd_weight_kernel(dout, x, KH, KW, stride, pad, G, dw_parts, db_parts, t, nthreads):
+def _conv_pix_bwd_weight_kernel(dout, x, KH, KW, stride, pad, G, dw_parts, t, nthreads):
     """Part p of P: dw_parts[p] (K, F) = sum over its chunks (in order) of cols^T (K, G*Ho*Wo) @ dout_pixels
-    (G*Ho*Wo, F); db_parts[p, f] (float64) = sum of dout[:, f] over its images. Thread t computes parts t, t + nt, ..."""
+    (G*Ho*Wo, F). Thread t computes parts t, t + nt, ..."""
     N, C, H, W = x.shape
     F, Ho, Wo = dout.shape[1], dout.shape[2], dout.shape[3]
     K = KH * KW * C
@@ -329,14 +318,7 @@ def _conv_pix_bwd_weight_kernel(dout, x, KH, KW, stride, pad, G, dw_parts, db_pa
             for gg in range(g):
                 _to_hwc(x[n0 + gg], pad, xf)
                 _pix_cols(xf, C, KH, KW, stride, Wp, Ho, Wo, cols, gg * L)
-                dn = dout[n0 + gg]
-                _pix_rows(dn, dp, gg * L)
-                for f in range(F):
-                    sf = 0.0
-                    for i in range(Ho):
-                        for j in range(Wo):
-                            sf += dn[f, i, j]
-                    db_parts[p, f] += sf
+                _to_hwc(dout[n0 + gg], 0, dpbuf[gg * L * F:(gg + 1) * L * F])
             if ch == c0:
                 np.dot(cols.T, dp, acc)
             else:
@@ -564,13 +546,12 @@ def conv2d_backward_weight(dout: np.ndarray, x: np.ndarray, w_shape: tuple, stri
         P = _threads._parts((N + G - 1) // G)  # fixed parts of chunks, summed in part order
         K = C * KH * KW
         dw_parts = (np.empty if N else np.zeros)((P, K, F), x.dtype)  # each part's first chunk writes it
-        db_parts = np.zeros((P, F), np.float64)
         _threads._run_split(_conv_pix_bwd_weight_kernel, _threads._split_threads(P, 2.0 * N * Ho * Wo * K * F), True,
-                            dout, x, KH, KW, stride, padding, G, dw_parts, db_parts)
+                            dout, x, KH, KW, stride, padding, G, dw_parts)
         dwt = np.empty((K, F), x.dtype)
         db = np.empty(F, x.dtype)
         _sum_rows(dw_parts.reshape(P, K * F), K * F, dwt.reshape(K * F))  # parts in part order
-        _sum_rows(db_parts, F, db)
+        _bias_grad(dout, db)  # float64 sums, as the Winograd path's
         return np.ascontiguousarray(dwt.reshape(KH, KW, C, F).transpose(3, 2, 0, 1)), db
     Wr = W + padding
     G = _chunk(Ho * Wr, N, C * KH * KW, x.itemsize)
