@@ -56,9 +56,16 @@ def test_conv2d_kernels_match_reference(case, dtype):
 # 3x3 / stride 1 / pad 1: the Winograd F(2x2, 3x3) path. Odd sizes leave partial 2x2 tiles; 1-pixel images
 # are all padding but the centre; N = 70 at 8x8 spans several chunks (and both threads of a 2-core run).
 WINO_CASES = [(1, 1, 1, 1, 1), (2, 3, 1, 5, 2), (2, 2, 5, 1, 3), (3, 5, 7, 9, 4), (2, 4, 4, 4, 6),
-              (70, 3, 8, 8, 5), (3, 17, 6, 10, 33), (2, 3, 7, 6, 4)]
+              (70, 3, 8, 8, 5), (3, 17, 6, 10, 33), (2, 3, 7, 6, 4), (2, 9, 12, 8, 7), (1, 24, 28, 28, 16)]
 # (odd heights and widths: the weight gradient's output-gradient transform reads the zero row / column
-# past the image)
+# past the image). The forward (and input gradient) takes F(4x4, 3x3) on whole 4x4 tiles from
+# _WINO4_MIN_TILES tiles: every case runs with F(2x2) (that threshold out of reach), those of whole tiles
+# also with F(4x4) (the threshold at 1).
+WINO_RUNS = [(c, False) for c in WINO_CASES] + [(c, True) for c in WINO_CASES if c[2] % 4 == 0 and c[3] % 4 == 0]
+
+
+def _wino4_everywhere(monkeypatch, four):
+    monkeypatch.setattr(cpu_wino, "_WINO4_MIN_TILES", 1 if four else 1 << 40)
 
 
 def test_few_input_channels_take_the_wide_row_path():
@@ -81,11 +88,13 @@ def test_few_input_channels_take_the_wide_row_path():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", WINO_CASES)
-def test_winograd_conv_matches_reference_and_im2col(case, dtype, monkeypatch):
+@pytest.mark.parametrize("case,four", WINO_RUNS)
+def test_winograd_conv_matches_reference_and_im2col(case, four, dtype, monkeypatch):
     N, C, H, W, F = case
     monkeypatch.setattr(cpu_conv, "_WINO_MIN_C", 1)  # Winograd for every C here (the U-Net's stem skips it)
     assert cpu_conv._conv_mode(3, 3, 1, 1, C) == 3 and cpu_conv._conv_mode(3, 3, 1, 1, F) == 3
+    _wino4_everywhere(monkeypatch, four)
+    assert cpu_wino._wino_plan(N, C, F, H, W, np.dtype(dtype).itemsize)[0] == four
     rng = np.random.default_rng(sum(case))
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     w = rng.standard_normal((F, C, 3, 3)).astype(dtype)
@@ -106,14 +115,17 @@ def test_winograd_conv_matches_reference_and_im2col(case, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", [(1, 40, 27, 29, 40), (2, 64, 28, 28, 64)])
-def test_winograd_forward_in_bands_of_tile_rows(case, dtype, monkeypatch):
+@pytest.mark.parametrize("case,four", [((1, 40, 27, 29, 40), False), ((2, 64, 28, 28, 64), False),
+                                       ((1, 64, 32, 32, 64), True)])
+def test_winograd_forward_in_bands_of_tile_rows(case, four, dtype, monkeypatch):
     """Images whose tiles exceed the L2 budget are computed in bands of tile rows: the same result as the
     reference and the same bits as one band per image (odd sizes: partial tiles at a band's last row)."""
     N, C, H, W, F = case
-    th, tw = (H + 1) // 2, (W + 1) // 2
-    assert cpu_wino._wino_chunk(th * tw, N, C, F, np.dtype(dtype).itemsize) == 1
-    assert cpu_wino._wino_bands(th, tw, C, F, np.dtype(dtype).itemsize) >= 2
+    isz = np.dtype(dtype).itemsize
+    _wino4_everywhere(monkeypatch, four)
+    for shape in ((C, F), (F, C)):  # the forward and the input gradient's conv
+        plan = cpu_wino._wino_plan(N, *shape, H, W, isz)
+        assert plan[0] == four and plan[3] == 1 and plan[4] >= 2
     rng = np.random.default_rng(sum(case))
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     w = rng.standard_normal((F, C, 3, 3)).astype(dtype)
@@ -122,7 +134,8 @@ def test_winograd_forward_in_bands_of_tile_rows(case, dtype, monkeypatch):
     got = cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1)
     _close(got[0], ref.conv2d_forward(x, w, b, 1, 1), dtype)
     _close(got[1], ref.conv2d_backward_input(dout, w, x.shape, 1, 1), dtype)
-    monkeypatch.setattr(cpu_wino, "_wino_bands", lambda *a: 1)
+    monkeypatch.setattr(cpu_wino, "_wino4_tiles" if four else "_wino_bands", lambda *a: 1 << 30 if four else 1)
+    assert cpu_wino._wino_plan(N, C, F, H, W, isz)[4] == 1
     one_band = cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1)
     for g, o in zip(got, one_band):
         np.testing.assert_array_equal(g, o)
@@ -138,6 +151,49 @@ def test_winograd_transform_matrices_reproduce_a_direct_tile():
     y = At @ ((Gm @ g @ Gm.T) * (Bt @ d @ Bt.T)) @ At.T
     direct = np.array([[np.sum(d[i:i + 3, j:j + 3] * g) for j in range(2)] for i in range(2)])
     np.testing.assert_allclose(y, direct, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (8, 8), (12, 8), (6, 6)])
+def test_winograd_image_gets_the_same_bits_in_any_batch(hw):
+    """The F(4x4) / F(2x2) choice and the per-image arithmetic depend on the image size only: an image's
+    output and input gradient are the same bits alone and in a batch (sharded sampling relies on it)."""
+    H, W = hw
+    rng = np.random.default_rng(H * W)
+    x = rng.standard_normal((9, 8, H, W)).astype(np.float32)
+    w = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    d = rng.standard_normal((9, 6, H, W)).astype(np.float32)
+    assert cpu_wino._wino_plan(9, 8, 6, H, W, 4)[0] == cpu_wino._wino_plan(1, 8, 6, H, W, 4)[0] == (H * W >= 64)
+    batch = cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(d, w, x.shape, 1, 1)
+    for n in (0, 4, 8):
+        one = (cpu.conv2d_forward(x[n:n + 1], w, b, 1, 1),
+               cpu.conv2d_backward_input(d[n:n + 1], w, (1,) + x.shape[1:], 1, 1))
+        for g, o in zip(batch, one):
+            np.testing.assert_array_equal(g[n:n + 1], o)
+
+
+def test_winograd4_transform_matrices_reproduce_a_direct_tile():
+    """F(4x4, 3x3): Y = A^T [(G g G^T) * (B^T d B)] A equals the 4x4 valid correlation of one 6x6 tile."""
+    rng = np.random.default_rng(2)
+    d, g = rng.standard_normal((6, 6)), rng.standard_normal((3, 3))
+    Gm, Bt, At = cpu_wino._WINO4_G, cpu_wino._WINO4_BT, cpu_wino._WINO4_AT
+    y = At @ ((Gm @ g @ Gm.T) * (Bt @ d @ Bt.T)) @ At.T
+    direct = np.array([[np.sum(d[i:i + 3, j:j + 3] * g) for j in range(4)] for i in range(4)])
+    np.testing.assert_allclose(y, direct, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_winograd4_filter_transform_is_g_w_gt(flip):
+    """_wino_transform(four=True): plane 6k + l holds (G w G^T)[k, l] laid out (C_in, F_out); flipped, the
+    input gradient's filters w~[c, f] = w[f, c] rotated 180 degrees."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 3, 3, 3))
+    wt = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1] if flip else w  # (F_out, C_in, 3, 3) of the conv
+    Gm = cpu_wino._WINO4_G
+    want = np.einsum("ku,fcuv,lv->klcf", Gm, wt, Gm).reshape(36, -1)
+    got = cpu_wino._wino_transform(w, flip=flip, four=True)
+    assert got.shape == (36, w.shape[0] * w.shape[1] + cpu_wino._WINO_PAD)
+    np.testing.assert_allclose(got[:, :want.shape[1]], want, rtol=1e-14, atol=1e-14)
 
 
 def test_conv2d_forward_is_not_trivially_equal():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from difnumpy.kernels import cpu, reference as ref
-from difnumpy.kernels.cpu import _threads, conv as cpu_conv, groupnorm as cpu_gn
+from difnumpy.kernels.cpu import _threads, conv as cpu_conv, groupnorm as cpu_gn, winograd as cpu_wino
 
 DTYPES = [np.float32, np.float64]
 NUMBA_THREADS = int(numba.config.NUMBA_NUM_THREADS)
@@ -41,7 +41,7 @@ def test_small_kernel_calls_stay_on_one_thread(monkeypatch):
     rng = np.random.default_rng(0)
     small = rng.standard_normal((4, 8, 8, 8)).astype(np.float32)  # 4 images: 4 units, ~0.6 MFLOP
     cpu.conv2d_forward(small, rng.standard_normal((8, 8, 3, 3)).astype(np.float32), np.zeros(8, np.float32), 1, 1)
-    big = rng.standard_normal((4, 64, 28, 28)).astype(np.float32)  # ~100 MFLOP in 8 units (4 images, 2 bands)
+    big = rng.standard_normal((4, 64, 28, 28)).astype(np.float32)  # ~100 MFLOP in 4 units (F(4x4): 1 image each)
     cpu.conv2d_forward(big, rng.standard_normal((64, 64, 3, 3)).astype(np.float32), np.zeros(64, np.float32), 1, 1)
     assert calls == [1, 4]
 
@@ -85,6 +85,7 @@ def _assert_same_bits(a, b):
 CONV_CASES = [
     (48, 6, 8, 8, 8, 3, 1, 1),    # Winograd (or the wide-row im2col with USE_WINOGRAD off)
     (19, 3, 9, 7, 5, 3, 1, 1),    # Winograd with partial tiles, an odd number of chunks
+    (19, 40, 16, 16, 48, 3, 1, 1),  # F(4x4) Winograd forward in several chunks
     (40, 6, 6, 6, 4, 1, 1, 0),    # 1x1
     (36, 4, 10, 10, 6, 3, 2, 1),  # general im2col (stride 2)
     (30, 3, 7, 7, 4, 5, 1, 2),    # "same" 5x5: wide-row im2col
@@ -107,6 +108,9 @@ def test_conv_kernels_same_bits_with_any_thread_count(case, winograd, dtype, way
     monkeypatch.setattr(cpu_conv, "USE_WINOGRAD", winograd)  # the flag is read in cpu.conv
     monkeypatch.setattr(cpu_conv, "_WINO_MIN_C", 1)  # Winograd for every channel count here
     assert (cpu_conv._conv_mode(K, K, s, p, C) == 3) == (winograd and K == 3 and s == 1 and p == 1)
+    if C == 40:
+        assert cpu_wino._wino_plan(N, C, F, H, W, np.dtype(dtype).itemsize)[:1] == (True,)
+        assert cpu_wino._wino_plan(N, C, F, H, W, np.dtype(dtype).itemsize)[3] < N
 
     def run():
         return (cpu.conv2d_forward(x, w, b, s, p), cpu.conv2d_backward_input(dout, w, x.shape, s, p),

@@ -31,7 +31,6 @@ import numpy as np
 
 from difnumpy.kernels.cpu import _threads
 from difnumpy.kernels.cpu.elementwise import _bias_grad, _sum_rows
-from difnumpy.kernels.cpu import winograd as _wino
 from difnumpy.kernels.cpu.winograd import _wino_backward_weight, _wino_forward
 
 USE_WINOGRAD = True  # False: 3x3 stride-1 convs use the im2col path (read by _conv_mode; tests patch it here)
@@ -349,9 +348,8 @@ def _conv_forward_impl(x, w, b, stride, padding):
     Ho = (H + 2 * padding - KH) // stride + 1
     Wo = (W + 2 * padding - KW) // stride + 1
     mode = _conv_mode(KH, KW, stride, padding, C)
-    if mode == 3:
-        # the filters' transform once per pass (or per frozen scope), not once per call and share
-        return _wino_forward(x, _wino._wino_filters(w), b)
+    if mode == 3:  # the filters' transform is kept per pass (or frozen scope), not made per call and share
+        return _wino_forward(x, w, b)
     if mode == 1:
         out = np.empty((N, F, Ho, Wo), x.dtype)
         _threads._run_split(_conv1x1_fwd_kernel, _threads._split_threads(N, 2.0 * N * Ho * Wo * C * F), True, x,
@@ -433,7 +431,7 @@ def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, strid
     mode = _conv_mode(KH, KW, stride, padding, F)  # a forward conv of dout's F channels
     if mode != 2:
         if mode == 3:
-            return _wino_forward(dout, _wino_flipped_filters(w), np.zeros(C, dout.dtype))
+            return _wino_forward(dout, w, np.zeros(C, dout.dtype), flip=True)
         return _conv_forward_impl(dout, _flipped(w), np.zeros(C, dout.dtype), 1, padding)
     Ho, Wo = dout.shape[2], dout.shape[3]
     G = _chunk(Ho * Wo, N, max(F, C * KH * KW), dout.itemsize)
@@ -449,9 +447,6 @@ def _flipped(w):
     return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
 
 
-def _wino_flipped_filters(w):
-    """The Winograd transform of :func:`_flipped` ``w``, kept for the pass under ``w``'s own identity."""
-    return _threads.derived("wino_flipped", w, lambda: _wino._wino_transform(w, flip=True))
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})

@@ -18,24 +18,24 @@ import numpy as np
 from difnumpy.kernels.cpu import _threads
 from difnumpy.kernels.cpu import conv as _conv
 from difnumpy.kernels.cpu.conv import (_conv1x1_bwd_weight_finish, _conv1x1_bwd_weight_kernel, _conv1x1_fwd_kernel,
-                                       _flipped, _wino_flipped_filters)
+                                       _flipped)
 from difnumpy.kernels.cpu.elementwise import _add_channel_bias_kernel, _add_kernel, _sum_hw_kernel, _sum_rows
 from difnumpy.kernels.cpu.groupnorm import _gn_bwd_kernel, _gn_fwd_kernel, _repeated
-from difnumpy.kernels.cpu.winograd import (_WINO_PAD, _wino_bwd_weight_kernel, _wino_filters, _wino_fwd_kernel,
-                                           _wino_geometry, _wino_weight_grad_finish)
+from difnumpy.kernels.cpu.winograd import (_WINO_PAD, _wino_bwd_weight_kernel, _wino_conv, _wino_filters,
+                                           _wino_geometry, _wino_plan, _wino_weight_grad_finish)
 
 
 @numba.njit(cache=True, nogil=True)
 def _resblock_fwd_kernel(x, ge1, be1, Ub1, b1, tp, ge2, be2, Ub2, b2, ws, bs, skip, groups, eps, fast,
-                         th, tw, G1, nb1, G2, nb2, h, mean, rstd, h1, h2, mean2, rstd2, out):
+                         four, th, tw, G1, nb1, G2, nb2, h, mean, rstd, h1, h2, mean2, rstd2, out):
     # h, mean, rstd, h1, h2, mean2, rstd2: the activations a training pass keeps (see resblock_forward)
     N, C, H, W = x.shape
     F = b1.shape[0]
     _gn_fwd_kernel(x, ge1, be1, groups, eps, True, fast, h, mean, rstd, 0, 1)
-    _wino_fwd_kernel(h, Ub1, F, b1, th, tw, G1, nb1, h1, 0, 1)
+    _wino_conv(h, Ub1, F, b1, four, th, tw, G1, nb1, h1, 0, 1)
     _add_channel_bias_kernel(h1.reshape(N, F, H * W), tp)
     _gn_fwd_kernel(h1, ge2, be2, groups, eps, True, fast, h2, mean2, rstd2, 0, 1)
-    _wino_fwd_kernel(h2, Ub2, F, b2, th, tw, G2, nb2, out, 0, 1)
+    _wino_conv(h2, Ub2, F, b2, four, th, tw, G2, nb2, out, 0, 1)
     if skip:
         s = np.empty((N, F, H, W), x.dtype)
         _conv1x1_fwd_kernel(x, ws, bs, s, 0, 1)
@@ -71,11 +71,10 @@ def resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w
     if not _fused(N, C, F, H, W):
         return None
     dt = x.dtype
-    th, tw = (H + 1) // 2, (W + 1) // 2
-    G1, nb1, _ = _wino_geometry(N, C, F, th, tw, dt.itemsize)
-    G2, nb2, _ = _wino_geometry(N, F, F, th, tw, dt.itemsize)
-    Ub1 = _wino_filters(w1)
-    Ub2 = _wino_filters(w2)
+    four, th, tw, G1, nb1 = _wino_plan(N, C, F, H, W, dt.itemsize)  # the unfused convs' plans
+    _, _, _, G2, nb2 = _wino_plan(N, F, F, H, W, dt.itemsize)
+    Ub1 = _wino_filters(w1, four)
+    Ub2 = _wino_filters(w2, four)
     ge1, be1 = _repeated(gamma1, beta1, H * W, dt)
     ge2, be2 = _repeated(gamma2, beta2, H * W, dt)
     skip = skip_w is not None
@@ -85,7 +84,7 @@ def resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w
             np.empty((N, F, H, W), dt), np.empty((N, groups), dt), np.empty((N, groups), dt))
     out = np.empty((N, F, H, W), dt)
     _resblock_fwd_kernel(x, ge1, be1, Ub1, b1, np.ascontiguousarray(tp, dtype=dt), ge2, be2, Ub2, b2, ws, bs, skip,
-                         int(groups), float(eps), dt == np.float32, th, tw, G1, nb1, G2, nb2, *acts, out)
+                         int(groups), float(eps), dt == np.float32, four, th, tw, G1, nb1, G2, nb2, *acts, out)
     return (out, acts) if keep else out
 
 
@@ -104,13 +103,14 @@ def _fused(N: int, C: int, F: int, H: int, W: int) -> bool:
 # ---- backward ----
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _conv_gn_bwd(d, xc, Ubf, Cin, zC, th, tw, Gi, nbi, Gw, dU, dw, db, xg, g, ge, be, m, r, groups, fast,
-                 dh, dx, dgp, dbp, dgamma, dbeta):
+def _conv_gn_bwd(d, xc, Ubf, Cin, zC, four, fth, ftw, Gi, nbi, th, tw, Gw, dU, dw, db, xg, g, ge, be, m, r, groups,
+                 fast, dh, dx, dgp, dbp, dgamma, dbeta):
     """Conv3x3(SiLU(GN(xg))) backward, xc = SiLU(GN(xg)) (Cin channels): the conv's input gradient ``dh``
-    (a forward conv with the flipped filters ``Ubf``), its weight and bias gradients, then GroupNorm+SiLU's
-    backward into ``dx`` and its gamma / beta gradients (part sums as the unfused calls make them)."""
+    (a forward conv with the flipped filters ``Ubf``, planned ``four, fth, ftw, Gi, nbi``), its weight and
+    bias gradients (F(2x2): ``th, tw, Gw``), then GroupNorm+SiLU's backward into ``dx`` and its gamma / beta
+    gradients (part sums as the unfused calls make them)."""
     F = d.shape[1]
-    _wino_fwd_kernel(d, Ubf, Cin, zC, th, tw, Gi, nbi, dh, 0, 1)
+    _wino_conv(d, Ubf, Cin, zC, four, fth, ftw, Gi, nbi, dh, 0, 1)
     _wino_bwd_weight_kernel(d, xc, th, tw, Gw, dU, 0, 1)
     _wino_weight_grad_finish(d, dU, F * Cin, dw, db)
     _gn_bwd_kernel(dh, xg, g, ge, be, m, r, groups, True, fast, dx, dgp, dbp, 0, 1)
@@ -119,7 +119,7 @@ def _conv_gn_bwd(d, xc, Ubf, Cin, zC, th, tw, Gi, nbi, Gw, dU, dw, db, xg, g, ge
 
 
 @numba.njit(cache=True, nogil=True)
-def _res_bwd_a(dout, x, h1, h2, g2, ge2, be2, m2, r2, Ub2f, zF, th, tw, Gi2, nbi2, Gw2, dU2, dw2, db2,
+def _res_bwd_a(dout, x, h1, h2, g2, ge2, be2, m2, r2, Ub2f, zF, four, fth, ftw, Gi2, nbi2, th, tw, Gw2, dU2, dw2, db2,
                skip, wst, zC, dws_parts, dbs_parts, dws, dbs, groups, fast,
                dx_skip, dh, dh_gn, dgp2, dbp2, dgamma2, dbeta2, dtp):
     """From the block's output gradient to dtp (the time-embedding projection's gradient): the skip conv's
@@ -129,18 +129,18 @@ def _res_bwd_a(dout, x, h1, h2, g2, ge2, be2, m2, r2, Ub2f, zF, th, tw, Gi2, nbi
         _conv1x1_fwd_kernel(dout, wst, zC, dx_skip, 0, 1)
         _conv1x1_bwd_weight_kernel(dout, x, dws_parts, dbs_parts, 0, 1)
         _conv1x1_bwd_weight_finish(dws_parts, dbs_parts, dws, dbs)
-    _conv_gn_bwd(dout, h2, Ub2f, F, zF, th, tw, Gi2, nbi2, Gw2, dU2, dw2, db2, h1, g2, ge2, be2, m2, r2, groups, fast,
-                 dh, dh_gn, dgp2, dbp2, dgamma2, dbeta2)
+    _conv_gn_bwd(dout, h2, Ub2f, F, zF, four, fth, ftw, Gi2, nbi2, th, tw, Gw2, dU2, dw2, db2, h1, g2, ge2, be2, m2,
+                 r2, groups, fast, dh, dh_gn, dgp2, dbp2, dgamma2, dbeta2)
     _sum_hw_kernel(dh_gn.reshape(N, F, H * W), dtp)
 
 
 @numba.njit(cache=True, nogil=True)
-def _res_bwd_b(dh_gn, h0, x, Ub1f, zC, th, tw, Gi1, nbi1, Gw1, dU1, dw1, db1, g1, ge1, be1, m1, r1, groups,
-               fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1, dx_skip):
+def _res_bwd_b(dh_gn, h0, x, Ub1f, zC, four, fth, ftw, Gi1, nbi1, th, tw, Gw1, dU1, dw1, db1, g1, ge1, be1, m1, r1,
+               groups, fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1, dx_skip):
     """From dtp's block gradient to the block input's: conv1's and GroupNorm1+SiLU's backward, plus the skip
     path's gradient."""
-    _conv_gn_bwd(dh_gn, h0, Ub1f, x.shape[1], zC, th, tw, Gi1, nbi1, Gw1, dU1, dw1, db1, x, g1, ge1, be1, m1, r1,
-                 groups, fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1)
+    _conv_gn_bwd(dh_gn, h0, Ub1f, x.shape[1], zC, four, fth, ftw, Gi1, nbi1, th, tw, Gw1, dU1, dw1, db1, x, g1, ge1,
+                 be1, m1, r1, groups, fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1)
     _add_kernel(dx.reshape(-1), dx_skip.reshape(-1))
 
 
@@ -175,9 +175,10 @@ def resblock_backward(dout, x, h0, h1, h2, m1, r1, m2, r2, gamma1, beta1, w1, ga
     fast = dt == np.float32
     dout = np.ascontiguousarray(dout, dtype=dt)
     skip = skip_w is not None
-    G2, nb2, P2 = _wino_geometry(N, F, F, th, tw, isz)  # conv2, F -> F: its input gradient and weight gradient
-    Gi1, nbi1, _ = _wino_geometry(N, F, C, th, tw, isz)  # conv1's input gradient: a forward F -> C
+    G2, _, P2 = _wino_geometry(N, F, F, th, tw, isz)  # conv2's weight gradient (F(2x2))
     Gw1, _, P1 = _wino_geometry(N, C, F, th, tw, isz)  # conv1's weight gradient
+    four, fth, ftw, Gi2, nbi2 = _wino_plan(N, F, F, H, W, isz)  # conv2's input gradient, a forward F -> F
+    _, _, _, Gi1, nbi1 = _wino_plan(N, F, C, H, W, isz)  # conv1's input gradient: a forward F -> C
     ge1, be1 = _repeated(gamma1, beta1, H * W, dt)
     ge2, be2 = _repeated(gamma2, beta2, H * W, dt)
     g1 = np.ascontiguousarray(gamma1, dtype=dt)
@@ -200,7 +201,7 @@ def resblock_backward(dout, x, h0, h1, h2, m1, r1, m2, r2, gamma1, beta1, w1, ga
     dgp2, dbp2 = np.empty((N, F), np.float64), np.empty((N, F), np.float64)
     dgamma2, dbeta2, dtp = np.empty(F, dt), np.empty(F, dt), np.empty((N, F), dt)
     _res_bwd_a(dout, x, h1, h2, g2, ge2, be2, np.ascontiguousarray(m2, dtype=dt), np.ascontiguousarray(r2, dtype=dt),
-               _wino_flipped_filters(w2), np.zeros(F, dt), th, tw, G2, nb2, G2, dU2, dw2, db2,
+               _wino_filters(w2, four, True), np.zeros(F, dt), four, fth, ftw, Gi2, nbi2, th, tw, G2, dU2, dw2, db2,
                skip, wst, np.zeros(C, dt), dws_parts, dbs_parts, dws, dbs, int(groups), fast,
                dx_skip, dh, dh_gn, dgp2, dbp2, dgamma2, dbeta2, dtp)
     dtemb_act = temb_backward(dtp)
@@ -209,9 +210,9 @@ def resblock_backward(dout, x, h0, h1, h2, m1, r1, m2, r2, gamma1, beta1, w1, ga
     dh1, dx = np.empty((N, C, H, W), dt), np.empty((N, C, H, W), dt)
     dgp1, dbp1 = np.empty((N, C), np.float64), np.empty((N, C), np.float64)
     dgamma1, dbeta1 = np.empty(C, dt), np.empty(C, dt)
-    _res_bwd_b(dh_gn, h0, x, _wino_flipped_filters(w1), np.zeros(C, dt), th, tw, Gi1, nbi1, Gw1, dU1, dw1, db1,
-               g1, ge1, be1, np.ascontiguousarray(m1, dtype=dt), np.ascontiguousarray(r1, dtype=dt), int(groups),
-               fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1, dx_skip)
+    _res_bwd_b(dh_gn, h0, x, _wino_filters(w1, four, True), np.zeros(C, dt), four, fth, ftw, Gi1, nbi1, th, tw, Gw1,
+               dU1, dw1, db1, g1, ge1, be1, np.ascontiguousarray(m1, dtype=dt), np.ascontiguousarray(r1, dtype=dt),
+               int(groups), fast, dh1, dx, dgp1, dbp1, dgamma1, dbeta1, dx_skip)
     grads = {"conv1.w": dw1, "conv1.b": db1, "norm1.gamma": dgamma1, "norm1.beta": dbeta1,
              "conv2.w": dw2, "conv2.b": db2, "norm2.gamma": dgamma2, "norm2.beta": dbeta2}
     if skip:

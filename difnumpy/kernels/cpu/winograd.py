@@ -153,6 +153,181 @@ def _wino_fwd_kernel(x, Ub, F, b, th, tw, G, nb, out, t, nthreads):
                         on[f, i, j] = src[f] + b[f]
 
 
+# ---- F(4x4, 3x3) forward (Lavin & Gray 2016, Sec. 4.2 and the F(4x4, 3x3) matrices of Sec. 5) ----
+# 6x6 input tiles at a stride of 4, 36 GEMMs: 36 multiplies per 4x4 outputs, 2.25 per output against 4 for
+# F(2x2, 3x3), at costlier transforms (points 0, +-1, +-2) and a few times F(2x2)'s float32 rounding
+# (~5e-6 of the output's scale, tested). Used for the forward (and the input gradient, a forward conv) where
+# the image is a whole number of 4x4 tiles, at least _WINO4_MIN_TILES of them (see :func:`_wino4_ok`):
+# 1 thread, float32, against F(2x2): 32 -> 32 at 28x28, 1 image 96 -> 69 us, 64 -> 64 276 -> 195 us;
+# 32 -> 32 at 8x8, 64 images 479 -> 357 us, 1 image 14 -> 13 us. 14x14 (partial tiles) and 4x4 images
+# (one tile each: 64 -> 64, 1 image 9 -> 15 us; 64 images 334 -> 251 us) stay on F(2x2).
+# B^T rows: (4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+#           (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1);
+# A^T rows: (1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1).
+_WINO4_G = np.array([[1 / 4, 0.0, 0.0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                     [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0.0, 0.0, 1.0]])
+_WINO4_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                      [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=float)
+_WINO4_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                     dtype=float)
+_WINO4_MIN_TILES = 4  # 4x4 tiles per image from which F(4x4) is used (8x8 images: a tie at batch 1, faster from 2)
+
+
+@numba.njit(cache=True, inline="always")
+def _bt_row0(d0, d2, d4, out):
+    """4 d0 - 5 d2 + d4 (rows 0 and 5 of B^T, the latter on d1, d3, d5)."""
+    four = out.dtype.type(4.0)
+    five = out.dtype.type(5.0)
+    for i in range(out.size):
+        out[i] = four * d0[i] - five * d2[i] + d4[i]
+
+
+@numba.njit(cache=True, inline="always")
+def _bt_rows12(d1, d2, d3, d4, o1, o2):
+    """Rows 1, 2 of B^T: (d4 - 4 d2) +- (d3 - 4 d1)."""
+    four = o1.dtype.type(4.0)
+    for i in range(o1.size):
+        a = d4[i] - four * d2[i]
+        b = d3[i] - four * d1[i]
+        o1[i] = a + b
+        o2[i] = a - b
+
+
+@numba.njit(cache=True, inline="always")
+def _bt_rows34(d1, d2, d3, d4, o3, o4):
+    """Rows 3, 4 of B^T: (d4 - d2) +- 2 (d3 - d1)."""
+    two = o3.dtype.type(2.0)
+    for i in range(o3.size):
+        a = d4[i] - d2[i]
+        b = two * (d3[i] - d1[i])
+        o3[i] = a + b
+        o4[i] = a - b
+
+
+@numba.njit(cache=True, inline="always")
+def _bt6(d0, d1, d2, d3, d4, d5, o0, o1, o2, o3, o4, o5):
+    """(o0 .. o5) = B^T (d0 .. d5), elementwise over equal-length vectors."""
+    _bt_row0(d0, d2, d4, o0)
+    _bt_rows12(d1, d2, d3, d4, o1, o2)
+    _bt_rows34(d1, d2, d3, d4, o3, o4)
+    _bt_row0(d1, d3, d5, o5)
+
+
+@numba.njit(cache=True, inline="always")
+def _at6(m0, m1, m2, m3, m4, m5, o0, o1, o2, o3):
+    """(o0 .. o3) = A^T (m0 .. m5), elementwise over equal-length vectors."""
+    two = o0.dtype.type(2.0)
+    four = o0.dtype.type(4.0)
+    eight = o0.dtype.type(8.0)
+    for i in range(o0.size):
+        a = m1[i] + m2[i]
+        b = m1[i] - m2[i]
+        c = m3[i] + m4[i]
+        d = m3[i] - m4[i]
+        o0[i] = m0[i] + a + c
+        o1[i] = b + two * d
+        o2[i] = a + four * c
+        o3[i] = b + eight * d + m5[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino4_input(xn, th, tw, ti0, ti1, xh, rt, Vf, PV, p0):
+    """V[k][p0 + (ti - ti0)*tw + tj, :] = (B^T d B)[k] for the 6x6 tiles of tile rows ti0 <= ti < ti1 of
+    image ``xn`` (C, H, W); tile (ti, tj) reads rows 4ti-1 .. 4ti+4 and columns 4tj-1 .. 4tj+4.
+
+    As :func:`_wino_input`, vectorised over channels: ``xh`` holds (4*th+2) padded rows, each as 4 planes
+    of (tw+1) pixels x C (padded column jj = 4J + r at plane r, position J; zero border), so that each of
+    a tile's 6 columns is one contiguous run over the row's tiles: planes 0..3 at J, planes 0, 1 at J+1.
+    """
+    C, H, W = xn.shape
+    Q = (tw + 1) * C
+    RC = 4 * Q
+    L = tw * C
+    for i in range(max(0, 4 * ti0 - 1), min(H, 4 * ti1 + 1)):
+        for j in range(W):
+            jj = j + 1
+            o = (i + 1) * RC + (jj & 3) * Q + (jj >> 2) * C
+            row = xh[o:o + C]
+            for c in range(C):
+                row[c] = xn[c, i, j]
+    for ti in range(ti0, ti1):
+        r = 4 * ti * RC
+        _bt6(xh[r:r + RC], xh[r + RC:r + 2 * RC], xh[r + 2 * RC:r + 3 * RC], xh[r + 3 * RC:r + 4 * RC],
+             xh[r + 4 * RC:r + 5 * RC], xh[r + 5 * RC:r + 6 * RC],
+             rt[0:RC], rt[RC:2 * RC], rt[2 * RC:3 * RC], rt[3 * RC:4 * RC], rt[4 * RC:5 * RC], rt[5 * RC:6 * RC])
+        o = (p0 + (ti - ti0) * tw) * C
+        for q in range(6):
+            e = q * RC
+            k = 6 * q * PV + o
+            _bt6(rt[e:e + L], rt[e + Q:e + Q + L], rt[e + 2 * Q:e + 2 * Q + L], rt[e + 3 * Q:e + 3 * Q + L],
+                 rt[e + C:e + C + L], rt[e + Q + C:e + Q + C + L],
+                 Vf[k:k + L], Vf[k + PV:k + PV + L], Vf[k + 2 * PV:k + 2 * PV + L], Vf[k + 3 * PV:k + 3 * PV + L],
+                 Vf[k + 4 * PV:k + 4 * PV + L], Vf[k + 5 * PV:k + 5 * PV + L])
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino4_fwd_kernel(x, Ub, F, b, th, tw, G, nb, out, t, nthreads):
+    """F(4x4, 3x3) forward: :func:`_wino_fwd_kernel`'s units of work (chunks of G images, ``nb`` bands of
+    tile rows), ``th`` x ``tw`` tiles of 4x4 outputs, ``Ub`` (36, >= C*F) from :func:`_wino4_transform`."""
+    N, C, H, W = x.shape
+    nchunks = (N + G - 1) // G
+    TTb = ((th + nb - 1) // nb) * tw
+    PV = G * TTb * C + _WINO_PAD
+    PM = G * TTb * F + _WINO_PAD
+    xh = np.zeros((4 * th + 2) * 4 * (tw + 1) * C, x.dtype)
+    rt = np.empty(24 * (tw + 1) * C, x.dtype)
+    Vf = np.empty(36 * PV, x.dtype)
+    Mf = np.empty(36 * PM, x.dtype)
+    Sf = np.empty(24 * PM, x.dtype)
+    for u in range(t, nchunks * nb, nthreads):
+        ch = u // nb
+        ti0 = th * (u - ch * nb) // nb
+        ti1 = th * (u - ch * nb + 1) // nb
+        TT = (ti1 - ti0) * tw
+        n0 = ch * G
+        g = min(G, N - n0)
+        T = g * TT
+        FT = F * T
+        for gg in range(g):
+            _wino4_input(x[n0 + gg], th, tw, ti0, ti1, xh, rt, Vf, PV, gg * TT)
+        for k in range(36):
+            np.dot(Vf[k * PV:k * PV + T * C].reshape(T, C), Ub[k, :C * F].reshape(C, F),
+                   Mf[k * PM:k * PM + FT].reshape(T, F))
+        # A^T M: S[6a + l] = row a of A^T applied to M[6p + l], p = 0..5
+        for l in range(6):
+            _at6(Mf[l * PM:l * PM + FT], Mf[(6 + l) * PM:(6 + l) * PM + FT], Mf[(12 + l) * PM:(12 + l) * PM + FT],
+                 Mf[(18 + l) * PM:(18 + l) * PM + FT], Mf[(24 + l) * PM:(24 + l) * PM + FT],
+                 Mf[(30 + l) * PM:(30 + l) * PM + FT],
+                 Sf[l * PM:l * PM + FT], Sf[(6 + l) * PM:(6 + l) * PM + FT], Sf[(12 + l) * PM:(12 + l) * PM + FT],
+                 Sf[(18 + l) * PM:(18 + l) * PM + FT])
+        # (.) A: Y[4a + c] (into M's first 16 planes) from S[6a + l], l = 0..5
+        for a in range(4):
+            s = 6 * a * PM
+            y = 4 * a * PM
+            _at6(Sf[s:s + FT], Sf[s + PM:s + PM + FT], Sf[s + 2 * PM:s + 2 * PM + FT], Sf[s + 3 * PM:s + 3 * PM + FT],
+                 Sf[s + 4 * PM:s + 4 * PM + FT], Sf[s + 5 * PM:s + 5 * PM + FT],
+                 Mf[y:y + FT], Mf[y + PM:y + PM + FT], Mf[y + 2 * PM:y + 2 * PM + FT], Mf[y + 3 * PM:y + 3 * PM + FT])
+        # out[n, f, 4ti + a, 4tj + c] = Y_{ac}[tile, f] + b[f]
+        for gg in range(g):
+            on = out[n0 + gg]
+            for i in range(4 * ti0, min(H, 4 * ti1)):
+                s = 4 * (i & 3) * PM + (gg * TT + ((i >> 2) - ti0) * tw) * F
+                for j in range(W):
+                    o = s + (j & 3) * PM + (j >> 2) * F
+                    src = Mf[o:o + F]
+                    for f in range(F):
+                        on[f, i, j] = src[f] + b[f]
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino_conv(x, Ub, F, b, four, th, tw, G, nb, out, t, nthreads):
+    """The Winograd forward of :func:`_wino_plan`'s choice: F(4x4, 3x3) when ``four``, else F(2x2, 3x3)."""
+    if four:
+        _wino4_fwd_kernel(x, Ub, F, b, th, tw, G, nb, out, t, nthreads)
+    else:
+        _wino_fwd_kernel(x, Ub, F, b, th, tw, G, nb, out, t, nthreads)
+
+
 @numba.njit(cache=True, nogil=True)
 def _wino_dz(dn, th, tw, dh, rz, Zf, PM, p0):
     """Z[k][p0 + ti*tw + tj, :] = (A y A^T)[k] for the 2x2 output-gradient tiles y of image ``dn`` (F, H, W).
@@ -317,6 +492,52 @@ def _wino_weights(w, flip, Ub):
                 u3[bb] = x2[bb]
 
 
+@numba.njit(cache=True, inline="always")
+def _g4_rows(g0, g1, g2):
+    """G (g0, g1, g2)^T for F(4x4, 3x3) (:data:`_WINO4_G`): the 6 entries for one column of a 3x3 kernel."""
+    return (g0 / 4.0, -(g0 + g1 + g2) / 6.0, -(g0 - g1 + g2) / 6.0, g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+            g0 / 24.0 - g1 / 12.0 + g2 / 6.0, g2)
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino4_weights(w, flip, Ub):
+    """Ub[6k + l, c*F + f] = (G w[f, c] G^T)[k, l] for F(4x4, 3x3): plane k of ``Ub`` (36, >= C*F) is U[k]^T.
+
+    ``flip`` as in :func:`_wino_weights` (the input gradient's filters, an F -> C conv). Computed in float64
+    and rounded once to ``Ub``'s dtype (G's 1/6, 1/12, 1/24 are inexact in binary), vectorised over the
+    output row like :func:`_wino_weights`.
+    """
+    F, C = w.shape[0], w.shape[1]
+    A, B = (F, C) if flip else (C, F)
+    g = np.empty((9, B), np.float64)
+    r = np.empty((18, B), np.float64)  # G g: rows 6 * column + k
+    w2 = w.reshape(F, C * 9)
+    for a in range(A):
+        if flip:
+            wa = w[a].reshape(B, 9)
+            for bb in range(B):
+                for q in range(9):
+                    g[8 - q, bb] = wa[bb, q]
+        else:
+            for bb in range(B):
+                for q in range(9):
+                    g[q, bb] = w2[bb, 9 * a + q]
+        for col in range(3):
+            for bb in range(B):
+                (r[6 * col, bb], r[6 * col + 1, bb], r[6 * col + 2, bb], r[6 * col + 3, bb], r[6 * col + 4, bb],
+                 r[6 * col + 5, bb]) = _g4_rows(g[col, bb], g[3 + col, bb], g[6 + col, bb])
+        o = a * B
+        for k in range(6):
+            for bb in range(B):
+                u0, u1, u2, u3, u4, u5 = _g4_rows(r[k, bb], r[6 + k, bb], r[12 + k, bb])
+                Ub[6 * k, o + bb] = u0
+                Ub[6 * k + 1, o + bb] = u1
+                Ub[6 * k + 2, o + bb] = u2
+                Ub[6 * k + 3, o + bb] = u3
+                Ub[6 * k + 4, o + bb] = u4
+                Ub[6 * k + 5, o + bb] = u5
+
+
 @numba.njit(cache=True, nogil=True)
 def _wino_weight_grad(dUb, dw):
     """dw[f, c] = G^T dU[f, c] G, the adjoint of :func:`_wino_weights`; plane 4k + l of ``dUb`` is dU[k, l] (F, C)."""
@@ -352,12 +573,13 @@ def _wino_bands(th, tw, C, F, itemsize):
     return max(1, min(th, -(-(th * tw) // _wino_tiles(C, F, itemsize))))
 
 
-def _wino_transform(w, flip=False):
+def _wino_transform(w, flip=False, four=False):
     """The transformed filters of ``w`` (F, C, 3, 3): ``Ub`` (16, C*F + pad), plane k = U[k]^T (C, F); with
-    ``flip`` those of the input gradient's conv (C -> F channels swapped, the kernel rotated 180 degrees)."""
+    ``flip`` those of the input gradient's conv (C -> F channels swapped, the kernel rotated 180 degrees);
+    with ``four`` F(4x4, 3x3)'s (36 planes, :func:`_wino4_weights`)."""
     F, C = w.shape[0], w.shape[1]
-    Ub = np.empty((16, C * F + _WINO_PAD), w.dtype)
-    _wino_weights(np.ascontiguousarray(w), bool(flip), Ub)
+    Ub = np.empty((36 if four else 16, C * F + _WINO_PAD), w.dtype)
+    (_wino4_weights if four else _wino_weights)(np.ascontiguousarray(w), bool(flip), Ub)
     return Ub
 
 
@@ -380,22 +602,52 @@ def _wino_geometry(N, C, F, th, tw, itemsize):
     return geo
 
 
-def _wino_filters(w):
+def _wino4_ok(N, H, W):
+    """Whether a forward Winograd conv of N images of H x W takes F(4x4, 3x3): images of whole 4x4 tiles
+    (14x14 would compute 16x16, a wash against F(2x2), measured), at least :data:`_WINO4_MIN_TILES` of
+    them. A function of the image size only, never of N or the thread count: an image gets the same bits
+    in any batch (sharded sampling relies on it) and fused and unfused calls choose alike."""
+    return H % 4 == 0 and W % 4 == 0 and (H // 4) * (W // 4) >= _WINO4_MIN_TILES
+
+
+def _wino4_tiles(C, F, itemsize):
+    """F(4x4) tiles per unit of work: its 36 planes of C + F rows take about 1 MiB (measured against 2 MiB:
+    the same or faster at 4x4, 8x8 and 28x28)."""
+    return max(8, (1 << 20) // (36 * itemsize * max(C + F, 1)))
+
+
+def _wino_plan(N, C, F, H, W, itemsize):
+    """The forward Winograd conv of N images of H x W, C -> F channels: ``(four, th, tw, G, nb)`` = whether
+    F(4x4, 3x3) (:func:`_wino4_ok`), tiles per column and row, images per chunk, bands of tile rows."""
+    if not _wino4_ok(N, H, W):
+        th, tw = (H + 1) // 2, (W + 1) // 2
+        G, nb, _ = _wino_geometry(N, C, F, th, tw, itemsize)
+        return False, th, tw, G, nb
+    th, tw = (H + 3) // 4, (W + 3) // 4
+    per = _wino4_tiles(C, F, itemsize)
+    G = max(1, min(N, per // (th * tw)))
+    nb = max(1, min(th, -(-(th * tw) // per))) if G == 1 else 1
+    return True, th, tw, G, nb
+
+
+def _wino_filters(w, four=False, flip=False):
     """``w``'s transform (:func:`_wino_transform`), computed once per pass or frozen scope (:func:`._threads.derived`)."""
-    return _threads.derived("wino", w, lambda: _wino_transform(w))
+    return _threads.derived(("wino", bool(four), bool(flip)), w, lambda: _wino_transform(w, flip, four))
 
 
-def _wino_forward(x, Ub, b):
-    """Winograd forward conv of ``x`` (N, C, H, W) with the transformed filters ``Ub`` (:func:`_wino_transform`)
-    and the bias ``b`` (F,)."""
+def _wino_forward(x, w, b, flip=False):
+    """Winograd forward conv of ``x`` (N, C, H, W) with the filters ``w`` (F, C, 3, 3) and the bias ``b`` (F,),
+    F(4x4, 3x3) or F(2x2, 3x3) as :func:`_wino_plan` says. With ``flip``: the input gradient's conv of ``w``
+    (F, C, 3, 3), ``x`` then has F channels and ``b`` C entries."""
     N, C, H, W = x.shape
     F = b.shape[0]
-    th, tw = (H + 1) // 2, (W + 1) // 2
-    G, nb, _ = _wino_geometry(N, C, F, th, tw, x.itemsize)
+    four, th, tw, G, nb = _wino_plan(N, C, F, H, W, x.itemsize)
+    Ub = _wino_filters(w, four, flip)
     units = (N + G - 1) // G * nb
-    nt = _threads._split_threads(units, 32.0 * N * th * tw * C * F)  # the 16 GEMMs' flops
+    # split by F(2x2)'s GEMM flops (the size of the conv), the same rule as the fused ResBlock's
+    nt = _threads._split_threads(units, 32.0 * N * ((H + 1) // 2) * ((W + 1) // 2) * C * F)
     out = np.empty((N, F, H, W), x.dtype)
-    _threads._run_split(_wino_fwd_kernel, nt, True, x, Ub, F, b, th, tw, G, nb, out)
+    _threads._run_split(_wino_conv, nt, True, x, Ub, F, b, four, th, tw, G, nb, out)
     return out
 
 
