@@ -9,8 +9,9 @@ cached machine code. No result depends on ``numba.get_num_threads()`` (see :mod:
 Modules, one per op family:
 
 - :mod:`._threads`: the worker pool, BLAS held to one thread, the batch split into shares;
+- :mod:`._malloc`: glibc's malloc kept from returning freed pages between passes (set on import);
 - :mod:`.elementwise`: forward process, sampler update, SiLU, in-place sums, reductions, MSE loss;
-- :mod:`.conv` (im2col, 1x1 and the dispatch) and :mod:`.winograd` (F(2x2, 3x3));
+- :mod:`.conv` (im2col, 1x1 and the dispatch) and :mod:`.winograd` (F(2x2, 3x3); F(4x4, 3x3) forward);
 - :mod:`.groupnorm`: fused GroupNorm + SiLU;
 - :mod:`.layout`: channel concat / split, nearest 2x upsampling;
 - :mod:`.optim`: Adam (also all arrays in one call, the hook ``adam_update_many``) and the EMA;
@@ -21,6 +22,7 @@ The array functions are the NumPy twins themselves; the linear layer is the twin
 """
 from __future__ import annotations
 
+from difnumpy.kernels.cpu._malloc import tune_malloc
 from difnumpy.kernels.cpu._threads import batch_shares, run_shares, step_scope
 from difnumpy.kernels.cpu.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
 from difnumpy.kernels.cpu.elementwise import (add_, add_channel_bias_, axpy_, blend_, embedding_backward,
@@ -34,6 +36,7 @@ from difnumpy.kernels.cpu.optim import adam_update, adam_update_many, ema_update
 from difnumpy.kernels.cpu.resblock import resblock_backward, resblock_forward
 from difnumpy.kernels.reference import asarray, copy, copy_into, is_array, to_host, zeros
 
+tune_malloc()  # a pass reuses the last pass's pages instead of faulting them in again (see ._malloc)
 
 __all__ = [
     # arrays
