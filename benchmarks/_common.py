@@ -221,7 +221,8 @@ def _cpu_model() -> str:
 
 
 def machine_info() -> dict:
-    """CPU model, core count, OS, Python and library versions, thread counts (a JSON-able dict)."""
+    """CPU model, core count, OS, Python and library versions, thread counts, whether the cpu backend tuned
+    glibc's malloc (a JSON-able dict)."""
     import numpy as np
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
@@ -237,6 +238,9 @@ def machine_info() -> dict:
         except ImportError:
             info[mod] = None
     info["threads"] = thread_counts()
+    # process-wide, so both sides of a comparison run under it (see difnumpy.kernels.cpu._malloc)
+    from difnumpy.kernels.cpu._malloc import _state
+    info["glibc_malloc_tuned"] = _state["tuned"]
     return info
 
 
