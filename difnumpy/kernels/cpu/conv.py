@@ -1,10 +1,11 @@
 """Convolution kernels: im2col around one BLAS GEMM per chunk of images, 1x1 convs, and the dispatch
-(twins in :mod:`difnumpy.kernels.reference`; Winograd F(2x2, 3x3) in :mod:`.winograd`).
+(twins in :mod:`difnumpy.kernels.reference`; Winograd F(2x2, 3x3) and F(4x4, 3x3) in :mod:`.winograd`).
 
 Design (measured on the 2-core Xeon (Sapphire Rapids, AVX-512) dev machine, float32, batch 128):
 - 3x3 / stride-1 / pad-1 convs (all but three of the U-Net's convs) use Winograd F(2x2, 3x3) in all
   three passes (forward, backward-input as a forward with flipped weights, backward-weight): 2.25x
-  fewer multiplies, about 2x faster than the im2col path below. :data:`USE_WINOGRAD` turns it off.
+  fewer multiplies, about 2x faster than the im2col path below; the forward and backward-input passes on
+  8x8 and 28x28 images use F(4x4, 3x3) (4x fewer). :data:`USE_WINOGRAD` turns Winograd off.
 - Every other conv is "im2col around one GEMM" per chunk of images, with the column matrix kept small
   (about 1k columns, it stays in L2) instead of one huge (C*KH*KW, N*Ho*Wo) matrix, and the GEMM is
   BLAS (``np.dot`` inside numba calls scipy's OpenBLAS sgemm/dgemm).

@@ -1,4 +1,5 @@
-"""Winograd F(2x2, 3x3) for 3x3 / stride-1 / pad-1 convs: forward and backward-weight.
+"""Winograd F(2x2, 3x3) for 3x3 / stride-1 / pad-1 convs: forward and backward-weight; F(4x4, 3x3) for the
+forward on images of whole 4x4 tiles from 8x8 up (:func:`_wino_plan` chooses, by the image size only).
 
 The backward-input pass is a forward conv with flipped weights (:func:`.conv.conv2d_backward_input`).
 Dispatched from :mod:`.conv` (its ``USE_WINOGRAD`` flag); measured about 2x faster than the im2col path.
