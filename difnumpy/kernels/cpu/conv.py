@@ -448,8 +448,6 @@ def _flipped(w):
     return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
 
 
-
-
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _conv_bwd_weight_kernel(dout, x, mode, KH, KW, stride, pad, Ho, Wo, Wr, G, xplen,
                             dw_parts, db_parts, t, nthreads):
