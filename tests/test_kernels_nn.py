@@ -194,6 +194,25 @@ def test_winograd4_filter_transform_is_g_w_gt(flip):
     got = cpu_wino._wino_transform(w, flip=flip, four=True)
     assert got.shape == (36, w.shape[0] * w.shape[1] + cpu_wino._WINO_PAD)
     np.testing.assert_allclose(got[:, :want.shape[1]], want, rtol=1e-14, atol=1e-14)
+    # float32 filters: each entry is G w G^T (of the float32 values) rounded once, from float64 math: within
+    # half a float32 ulp of it (plus float64's rounding)
+    w32 = w.astype(np.float32)
+    wt32 = w32.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1] if flip else w32
+    want32 = np.einsum("ku,fcuv,lv->klcf", Gm, wt32.astype(np.float64), Gm).reshape(36, -1)
+    got32 = cpu_wino._wino_transform(w32, flip=flip, four=True)[:, :want.shape[1]]
+    assert got32.dtype == np.float32
+    half_ulp = 0.5 * np.spacing(np.abs(want32).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(got32 - want32) <= half_ulp + 8 * np.spacing(np.abs(want32)))
+
+
+def test_winograd4_g_is_its_integer_part_scaled():
+    """The filter transform computes G w G^T as D (Gi w Gi^T) D: G = diag(1 / _WINO4_D) Gi, Gi's rows those of
+    _g4i_rows (small integers), and _WINO4_S[6k + l] = 1 / (d_k d_l)."""
+    Gi = np.array([cpu_wino._g4i_rows.py_func(*np.eye(3)[:, j]) for j in range(3)]).T  # (6, 3)
+    assert np.array_equal(Gi, np.round(Gi)) and np.abs(Gi).max() == 4
+    np.testing.assert_allclose(Gi / cpu_wino._WINO4_D[:, None], cpu_wino._WINO4_G, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(cpu_wino._WINO4_S.reshape(6, 6) * np.outer(cpu_wino._WINO4_D, cpu_wino._WINO4_D), 1.0,
+                               rtol=1e-15)
 
 
 def test_conv2d_forward_is_not_trivially_equal():

@@ -323,6 +323,13 @@ def test_timestep_embedding_validation():
         L.timestep_embedding([[1, 2]], 4)
     with pytest.raises(TypeError, match="t must hold"):
         L.timestep_embedding(np.array([True]), 4)
+    for bad in ([1.0, np.nan], [np.inf, 2.0], [3.0, -np.inf], [2.5, -0.5], np.array([3, -1], np.int8)):
+        with pytest.raises(ValueError, match="t must be finite and >= 0"):
+            L.timestep_embedding(bad, 4)
+    assert L.timestep_embedding(np.zeros(0), 4).shape == (0, 4)
+    # the frequencies are cached per (dim, max_period): read-only, so no caller can change later results
+    with pytest.raises(ValueError, match="read-only"):
+        L._sinusoid_freqs(2, 10000.0)[0] = 0.0
 
 
 @SETTINGS

@@ -14,6 +14,7 @@ the backend of its forward pass (it is kept in the cache).
 """
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Sequence
 
@@ -456,6 +457,14 @@ def embedding_backward(dout: np.ndarray, cache: tuple) -> np.ndarray:
 # timestep embedding, loss
 # --------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=32)
+def _sinusoid_freqs(half: int, max_period: float) -> np.ndarray:
+    """``f_k = max_period ** (-k / half)``, k = 0 .. half-1 (float64, read-only; cached per shape)."""
+    f = np.exp(-np.log(max_period) * np.arange(half, dtype=np.float64) / half)
+    f.flags.writeable = False
+    return f
+
+
 def timestep_embedding(t, dim: int, max_period: float = 10000.0, dtype=np.float64) -> np.ndarray:
     """Sinusoidal timestep embedding (Transformer positional encoding, Vaswani et al. 2017, sec. 3.5).
 
@@ -482,17 +491,20 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0, dtype=np.float6
     if not (np.isfinite(max_period) and max_period > 1):
         raise ValueError(f"max_period must be a finite number > 1, got {max_period}")
     t = np.asarray(t)
-    if t.dtype == bool or not (np.issubdtype(t.dtype, np.integer) or np.issubdtype(t.dtype, np.floating)):
+    kind = t.dtype.kind  # "b" (bool), "i"/"u" (integers), "f" (reals), ...
+    if kind not in "iuf":
         raise TypeError(f"t must hold integers (or reals), got dtype {t.dtype}")
     if t.ndim != 1:
         raise ValueError(f"t must be 1-D (N,), got shape {t.shape}")
     t64 = t.astype(np.float64)
-    if not np.all(np.isfinite(t64)) or np.any(t64 < 0):
-        raise ValueError(f"t must be finite and >= 0, got min {t64.min() if t64.size else None}")
+    # min/max instead of elementwise masks: this runs once per U-Net pass (~10 us less at batch 1)
+    if t64.size and not (t64.min() >= 0 and (kind != "f" or np.isfinite(t64.max()))):
+        raise ValueError(f"t must be finite and >= 0, got min {t64.min()}, max {t64.max()}")
     half = dim // 2
-    freqs = np.exp(-np.log(float(max_period)) * np.arange(half, dtype=np.float64) / half)
-    args = t64[:, None] * freqs[None, :]
-    emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    args = t64[:, None] * _sinusoid_freqs(half, float(max_period))[None, :]
+    emb = np.empty((t64.shape[0], dim), np.float64)
+    np.sin(args, out=emb[:, :half])
+    np.cos(args, out=emb[:, half:])
     return emb.astype(dtype, copy=False)
 
 

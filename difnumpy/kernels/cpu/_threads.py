@@ -29,7 +29,7 @@ try:  # optional: keep BLAS single-threaded inside our own threaded loops
     from threadpoolctl import ThreadpoolController as _TPC
 except ImportError:  # pragma: no cover
     _TPC = None
-_TP_CONTROLLER = None
+_BLAS_LIBS = None
 
 
 def _nthreads() -> int:
@@ -39,7 +39,7 @@ def _nthreads() -> int:
 
 # ---- BLAS held to one thread ----
 _BLAS_HOLD_LOCK = threading.Lock()
-_BLAS_HOLD = [0, None]  # [depth, active threadpoolctl limiter]: BLAS's thread count is process-global
+_BLAS_HOLD = [0, None]  # [depth, [(library, its thread count before)]]: BLAS's thread count is process-global
 
 
 class _BlasOneThread:
@@ -54,14 +54,17 @@ class _BlasOneThread:
         self._on = _TPC is not None  # at nt == 1 too: see step_scope
 
     def __enter__(self):
-        global _TP_CONTROLLER
         if self._on:
             with _BLAS_HOLD_LOCK:
                 if _BLAS_HOLD[0] == 0:
-                    if _TP_CONTROLLER is None:
-                        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot BLAS; load before scanning)
-                        _TP_CONTROLLER = _TPC()
-                    _BLAS_HOLD[1] = _TP_CONTROLLER.limit(limits=1, user_api="blas")
+                    # the libraries' own get/set calls: threadpoolctl's limit() + restore cost ~9 us a pass
+                    held = []
+                    for lib in _blas_libs():
+                        n = lib.get_num_threads()
+                        if n is not None and n != 1:
+                            lib.set_num_threads(1)
+                            held.append((lib, n))
+                    _BLAS_HOLD[1] = held
                 _BLAS_HOLD[0] += 1
         return self
 
@@ -70,9 +73,20 @@ class _BlasOneThread:
             with _BLAS_HOLD_LOCK:
                 _BLAS_HOLD[0] -= 1
                 if _BLAS_HOLD[0] == 0:
-                    limiter, _BLAS_HOLD[1] = _BLAS_HOLD[1], None
-                    limiter.restore_original_limits()
+                    held, _BLAS_HOLD[1] = _BLAS_HOLD[1], None
+                    for lib, n in held:
+                        lib.set_num_threads(n)
         return False
+
+
+def _blas_libs():
+    """threadpoolctl's controllers of the BLAS libraries loaded (scanned once, on the first hold)."""
+    global _BLAS_LIBS
+    if _BLAS_LIBS is None:
+        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot BLAS; load before scanning)
+        ctl = _TPC()
+        _BLAS_LIBS = [lib for lib in ctl.lib_controllers if lib.user_api == "blas"]
+    return _BLAS_LIBS
 
 
 # ---- arrays derived from weights (Winograd-transformed filters), computed once per pass ----

@@ -497,24 +497,35 @@ def _wino_weights(w, flip, Ub):
 
 
 @numba.njit(cache=True, inline="always")
-def _g4_rows(g0, g1, g2):
-    """G (g0, g1, g2)^T for F(4x4, 3x3) (:data:`_WINO4_G`): the 6 entries for one column of a 3x3 kernel."""
-    return (g0 / 4.0, -(g0 + g1 + g2) / 6.0, -(g0 - g1 + g2) / 6.0, g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-            g0 / 24.0 - g1 / 12.0 + g2 / 6.0, g2)
+def _g4i_rows(g0, g1, g2):
+    """Gi (g0, g1, g2)^T: the 6 entries for one column of a 3x3 kernel, Gi the integer part of F(4x4, 3x3)'s
+    G = diag(:data:`_WINO4_D`)^-1 Gi, rows (1, 0, 0), (1, 1, 1), (1, -1, 1), (1, 2, 4), (1, -2, 4), (0, 0, 1)."""
+    a = g0 + g2
+    b = 2.0 * g1
+    c = g0 + 4.0 * g2
+    return g0, a + g1, a - g1, c + b, c - b, g2
+
+
+_WINO4_D = np.array([4.0, -6.0, -6.0, 24.0, 24.0, 1.0])  # G's row k is Gi's row k / _WINO4_D[k]
+_WINO4_S = (1.0 / np.outer(_WINO4_D, _WINO4_D)).ravel()  # U[k, l] = (Gi w Gi^T)[k, l] * _WINO4_S[6k + l]
 
 
 @numba.njit(cache=True, nogil=True)
 def _wino4_weights(w, flip, Ub):
     """Ub[6k + l, c*F + f] = (G w[f, c] G^T)[k, l] for F(4x4, 3x3): plane k of ``Ub`` (36, >= C*F) is U[k]^T.
 
-    ``flip`` as in :func:`_wino_weights` (the input gradient's filters, an F -> C conv). Computed in float64
-    and rounded once to ``Ub``'s dtype (G's 1/6, 1/12, 1/24 are inexact in binary), vectorised over the
-    output row like :func:`_wino_weights`.
+    ``flip`` as in :func:`_wino_weights` (the input gradient's filters, an F -> C conv). G w G^T =
+    D (Gi w Gi^T) D with Gi's small integers (:func:`_g4i_rows`) and D = diag(1 / :data:`_WINO4_D`): the
+    integer part is summed in float64 (exact for float32 filters of like magnitudes), then scaled once by
+    1 / (d_k d_l) and rounded once to ``Ub``'s dtype (G's 1/6, 1/12, 1/24 are inexact in binary). Against
+    G applied with its fractions (45 divisions a filter), the default U-Net's filters: 1.86 -> 0.93 ms
+    (1.79 -> 0.85 flipped), no less accurate. Vectorised over the output row like :func:`_wino_weights`.
     """
     F, C = w.shape[0], w.shape[1]
     A, B = (F, C) if flip else (C, F)
+    S = _WINO4_S
     g = np.empty((9, B), np.float64)
-    r = np.empty((18, B), np.float64)  # G g: rows 6 * column + k
+    r = np.empty((18, B), np.float64)  # Gi g: rows 6 * column + k
     w2 = w.reshape(F, C * 9)
     for a in range(A):
         if flip:
@@ -527,19 +538,25 @@ def _wino4_weights(w, flip, Ub):
                 for q in range(9):
                     g[q, bb] = w2[bb, 9 * a + q]
         for col in range(3):
+            x0, x1, x2 = g[col], g[3 + col], g[6 + col]
+            r0, r1, r2, r3, r4, r5 = (r[6 * col], r[6 * col + 1], r[6 * col + 2], r[6 * col + 3], r[6 * col + 4],
+                                      r[6 * col + 5])
             for bb in range(B):
-                (r[6 * col, bb], r[6 * col + 1, bb], r[6 * col + 2, bb], r[6 * col + 3, bb], r[6 * col + 4, bb],
-                 r[6 * col + 5, bb]) = _g4_rows(g[col, bb], g[3 + col, bb], g[6 + col, bb])
+                r0[bb], r1[bb], r2[bb], r3[bb], r4[bb], r5[bb] = _g4i_rows(x0[bb], x1[bb], x2[bb])
         o = a * B
-        for k in range(6):
+        for k in range(6):  # row k of (Gi g) Gi^T, scaled
+            x0, x1, x2 = r[k], r[6 + k], r[12 + k]
+            s0, s1, s2, s3, s4, s5 = S[6 * k], S[6 * k + 1], S[6 * k + 2], S[6 * k + 3], S[6 * k + 4], S[6 * k + 5]
+            u0, u1, u2 = Ub[6 * k, o:o + B], Ub[6 * k + 1, o:o + B], Ub[6 * k + 2, o:o + B]
+            u3, u4, u5 = Ub[6 * k + 3, o:o + B], Ub[6 * k + 4, o:o + B], Ub[6 * k + 5, o:o + B]
             for bb in range(B):
-                u0, u1, u2, u3, u4, u5 = _g4_rows(r[k, bb], r[6 + k, bb], r[12 + k, bb])
-                Ub[6 * k, o + bb] = u0
-                Ub[6 * k + 1, o + bb] = u1
-                Ub[6 * k + 2, o + bb] = u2
-                Ub[6 * k + 3, o + bb] = u3
-                Ub[6 * k + 4, o + bb] = u4
-                Ub[6 * k + 5, o + bb] = u5
+                v0, v1, v2, v3, v4, v5 = _g4i_rows(x0[bb], x1[bb], x2[bb])
+                u0[bb] = v0 * s0
+                u1[bb] = v1 * s1
+                u2[bb] = v2 * s2
+                u3[bb] = v3 * s3
+                u4[bb] = v4 * s4
+                u5[bb] = v5 * s5
 
 
 @numba.njit(cache=True, nogil=True)
