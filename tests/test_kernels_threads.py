@@ -273,3 +273,62 @@ def test_step_scope_holds_blas_to_one_thread_with_any_thread_count(k, monkeypatc
                 assert blas_threads() == {1}
             assert blas_threads() == {1}
         assert blas_threads() == {2}
+
+
+@pytest.mark.parametrize("way", WAYS, ids=lambda w: f"{w[0]}{w[1]}")
+def test_unet_pass_same_bits_with_prefetched_filter_transforms(way, monkeypatch):
+    """A batch too small to share out: its filter transforms are made on an idle thread while the pass runs
+    (prefetch_conv3x3_filters); output and gradients are the same bits as without the prefetch."""
+    from difnumpy.nn.unet import UNet
+    n = 2
+    assert cpu.batch_shares(n) is None
+    m = UNet(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=4,
+             dtype=np.float32, backend="cpu", rng=0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, 1, 8, 8)).astype(np.float32)  # F(4x4) at 8x8, F(2x2) at 4x4
+    t = rng.integers(0, 1000, n)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    started = []
+    real = _threads.prefetch
+    monkeypatch.setattr(_threads, "prefetch", lambda e, f: started.append(real(e, f)) or started[-1])
+
+    def run():
+        out, cache = m.forward(x, t)
+        grads, dx = m.backward(dout, cache, return_input_grad=True)
+        return [out, dx] + [grads[k] for k in sorted(grads)]
+
+    with_prefetch = _run_with(*way, run)
+    assert len(started) == 2 and min(started) >= 4  # forward and backward: the ResBlocks' and resampling convs
+    monkeypatch.setattr(_threads, "prefetching", lambda: False)
+    _assert_same_bits(with_prefetch, _run_with(*way, run))
+
+
+def test_derived_takes_a_prefetched_transform_or_makes_it_itself(monkeypatch):
+    """An entry the prefetch job has made is taken as is; one it has not is made by the caller, marked taken,
+    and then skipped by the job. Both are the bits of the plain transform."""
+    _set_threads_patched(monkeypatch, 2)
+    rng = np.random.default_rng(2)
+    w0, w1 = (rng.standard_normal((6, 5, 3, 3)).astype(np.float32) for _ in range(2))
+    go, done = threading.Event(), threading.Event()
+    outs = tuple(np.empty((36, 30 + cpu_wino._WINO_PAD), np.float32) for _ in range(2))
+    fours = np.array([True, True])
+
+    def fill(state):
+        go.wait(10)
+        cpu_wino._wino_transform_many((w0, w1), fours, np.array([False, False]), outs, state)
+        done.set()
+
+    with _threads.step_scope():
+        assert _threads.prefetching()
+        assert _threads.prefetch([(("wino", True, False), w0, outs[0]), (("wino", True, False), w1, outs[1])], fill) == 2
+        state = _threads._DERIVED.store[(("wino", True, False), id(w0))][1].state
+        mine = cpu_wino._wino_filters(w0, four=True)  # the job is held back: made here
+        assert state[0] == _threads._TAKEN and mine is not outs[0]
+        go.set()
+        assert done.wait(10)
+        assert state.tolist() == [_threads._TAKEN, _threads._DONE]
+        assert cpu_wino._wino_filters(w1, four=True) is outs[1]
+        assert not _threads.missing(("wino", True, False), w1) and _threads.missing(("wino", False, False), w1)
+    np.testing.assert_array_equal(mine[:, :30], cpu_wino._wino_transform(w0, four=True)[:, :30])  # (then padding)
+    np.testing.assert_array_equal(outs[1][:, :30], cpu_wino._wino_transform(w1, four=True)[:, :30])
+    assert not _threads.prefetching()  # outside a pass's scope

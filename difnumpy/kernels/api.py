@@ -67,9 +67,11 @@ BACKEND_API: dict[str, str] = {
 #: ``resblock_forward(x, gamma1, beta1, w1, b1, tp, gamma2, beta2, w2, b2, skip_w, skip_b, groups, eps, keep)`` one
 #: ResBlock forward (the U-Net's unfused ops, the same bits; ``keep=True`` also returns the activations) and
 #: ``resblock_backward(...)`` its backward, each None where the backend prefers the unfused ops;
-#: ``adam_update_many(params, grads, ms, vs, ...)`` ``adam_update`` on lists of arrays in one call (the same bits).
+#: ``adam_update_many(params, grads, ms, vs, ...)`` ``adam_update`` on lists of arrays in one call (the same bits);
+#: ``prefetch_conv3x3_filters(convs, n, backward)`` a hint, inside ``step_scope``, that a pass of ``n`` images
+#: will run the 3x3 convs ``convs`` (``(w, H, W)`` in order of use; ``backward``: their input gradients).
 OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward",
-                                 "adam_update_many")
+                                 "adam_update_many", "prefetch_conv3x3_filters")
 
 
 def missing_api(module) -> list[str]:

@@ -436,6 +436,33 @@ class UNet:
         self._freeze_arrays()  # parameters assigned since the scope opened are read-only too
         return scope(self._frozen[0])
 
+    def _conv3x3s(self, P: dict, H: int, W: int) -> list:
+        """``(w, h, w)``: the weights of the pass's 3x3 stride-1 convs and their image sizes, in forward order."""
+        convs = [(P["stem.w"], H, W)]
+        for op in self._down:
+            if op[0] == "res":
+                convs += [(P[op[1] + ".conv1.w"], H, W), (P[op[1] + ".conv2.w"], H, W)]
+            else:  # the stride-2 downsampling conv
+                H, W = H // 2, W // 2
+        convs += [(P[self._mid[0] + ".conv1.w"], H, W), (P[self._mid[0] + ".conv2.w"], H, W)]
+        for op in self._up:
+            if op[0] == "res":
+                convs += [(P[op[1] + ".conv1.w"], H, W), (P[op[1] + ".conv2.w"], H, W)]
+            else:  # nearest 2x upsampling, then a 3x3 conv
+                H, W = 2 * H, 2 * W
+                convs.append((P[op[1] + ".w"], H, W))
+        convs.append((P["out.conv.w"], H, W))
+        return convs
+
+    def _prefetch_filters(self, P: dict, x_shape, backward: bool) -> None:
+        """Let the backend start the pass's filter transforms on an idle thread (a pass not split into batch
+        shares runs its kernels on one thread; the transforms are made once per pass while training)."""
+        hook = getattr(self._kern, "prefetch_conv3x3_filters", None)
+        if hook is not None:
+            N, _, H, W = (int(s) for s in x_shape)
+            convs = self._conv3x3s(P, H, W)
+            hook(convs[::-1] if backward else convs, N, backward)
+
     def _freeze_arrays(self) -> None:
         for v in self.params.values():
             if isinstance(v, np.ndarray) and v.flags.writeable:
@@ -480,7 +507,11 @@ class UNet:
             P = self._pass_params()
             shares = self._shares(x.shape[0])
             if shares is None:
+                if self._frozen is None:  # (a frozen scope makes its transforms once)
+                    self._prefetch_filters(P, x.shape, False)
                 out, cache = self._forward_impl(P, x, t, y, keep)
+                if keep:
+                    cache["params"] = P  # the backward's convs (its filter prefetch)
             else:
                 # data parallel (host backends): each thread runs the whole pass on its images
                 parts = self._kern.run_shares(
@@ -564,7 +595,9 @@ class UNet:
         path: ResBlock cache | conv cache], "mid": ResBlock cache, "up": [per op of the up path:
         (concat cache, ResBlock cache) | (upsample cache, conv cache)], "out": (gn_silu, conv)}``;
         a ResBlock cache is ``(gn_silu1, conv1, temb_linear, gn_silu2, conv2, skip_conv | None)``.
-        Each entry is the cache of the corresponding :mod:`difnumpy.nn.layers` function.
+        Each entry is the cache of the corresponding :mod:`difnumpy.nn.layers` function; a pass not split into
+        batch shares also keeps ``"params"``, the pass's parameter arrays (to start the backward's filter
+        transforms early, :meth:`_prefetch_filters`).
         """
         return self._forward(x, t, keep=True, class_labels=class_labels)
 
@@ -628,6 +661,8 @@ class UNet:
             dout = np.asarray(dout)
         if "shares" not in cache:
             with self._scope():
+                if "params" in cache and self._frozen is None:
+                    self._prefetch_filters(cache["params"], cache["stem"][0].shape, True)
                 res = self._backward_impl(dout, cache, return_input_grad)
         else:
             shares, parts = cache["shares"], cache["parts"]

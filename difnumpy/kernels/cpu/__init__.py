@@ -1,7 +1,8 @@
 """The ``"cpu"`` backend: ``numba.njit`` kernels on host NumPy arrays (see ARCHITECTURE.md, "Backends").
 
 It provides every function of :data:`difnumpy.kernels.api.BACKEND_API` and the optional hooks
-``step_scope``, ``batch_shares``, ``run_shares``, ``resblock_forward`` and ``resblock_backward``. Every compiled kernel has a NumPy twin with the same
+``step_scope``, ``batch_shares``, ``run_shares``, ``resblock_forward``, ``resblock_backward``,
+``adam_update_many`` and ``prefetch_conv3x3_filters``. Every compiled kernel has a NumPy twin with the same
 signature in :mod:`difnumpy.kernels.reference` and a test asserting that they agree. All kernels are
 compiled with ``cache=True``: the first call compiles (seconds), later calls and processes reuse the
 cached machine code. No result depends on ``numba.get_num_threads()`` (see :mod:`._threads`).
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 from difnumpy.kernels.cpu._malloc import tune_malloc
 from difnumpy.kernels.cpu._threads import batch_shares, run_shares, step_scope
-from difnumpy.kernels.cpu.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
+from difnumpy.kernels.cpu.conv import (conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
+                                       prefetch_conv3x3_filters)
 from difnumpy.kernels.cpu.elementwise import (add_, add_channel_bias_, axpy_, blend_, embedding_backward,
                                               embedding_forward, mse_loss, q_sample,
                                               sampler_update, scale_, silu_backward, silu_forward, sum_hw, sumsq)
@@ -54,4 +56,5 @@ __all__ = [
     "adam_update", "ema_update",
     # optional hooks
     "step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward", "adam_update_many",
+    "prefetch_conv3x3_filters",
 ]

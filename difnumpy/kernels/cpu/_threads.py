@@ -24,6 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numpy as np
 
 try:  # optional: keep BLAS single-threaded inside our own threaded loops
     from threadpoolctl import ThreadpoolController as _TPC
@@ -112,7 +113,60 @@ def derived(tag, w, compute):
             hit = store.get(key)
             if hit is None or hit[0] is not w:
                 hit = store[key] = (w, compute())
-    return hit[1]
+    value = hit[1]
+    if isinstance(value, _Pending):  # a prefetch() job's entry
+        if value.state[value.i] == _DONE:
+            value = value.array
+        else:  # not made yet: made here, and the job skips it if it has not begun it (or its result is dropped)
+            value.state[value.i] = _TAKEN
+            value = compute()
+        store[key] = (w, value)
+    return value
+
+
+_TODO, _BUSY, _DONE, _TAKEN = 0, 1, 2, 3  # a prefetch() entry's state (the job's ``state`` array)
+
+
+class _Pending:
+    """A :func:`derived` entry that a :func:`prefetch` job fills: ``array``, made once ``state[i] == _DONE``."""
+    __slots__ = ("state", "i", "array")
+
+    def __init__(self, state, i, array):
+        self.state, self.i, self.array = state, i, array
+
+
+def prefetching() -> bool:
+    """Whether :func:`prefetch` would start a job now: in a pass's scope, outside batch shares (where
+    every thread runs a share), with more than one thread."""
+    return getattr(_DERIVED, "store", None) is not None and not _in_share() and _nthreads() > 1
+
+
+def missing(tag, w) -> bool:
+    """Whether :func:`derived` ``(tag, w)`` is neither in this pass's store nor being made."""
+    hit = _DERIVED.store.get((tag, id(w)))
+    return hit is None or hit[0] is not w
+
+
+def prefetch(entries, fill) -> int:
+    """Start ``fill(state)`` on a pool worker: it makes the :func:`derived` arrays ``entries`` =
+    ``[(tag, w, array)]`` in order into their ``array`` (allocated by the caller), entry ``i`` only if
+    ``state[i] == _TODO`` (it sets ``_BUSY``, then ``_DONE``). :func:`derived` takes a done entry's array,
+    and makes any other itself (marking it ``_TAKEN``), so this thread never waits for the job. Only when
+    :func:`prefetching`; returns how many entries were started.
+
+    Why: a pass of a batch too small to share out runs its kernels on this thread, while the transforms of
+    the filters (made once per pass in training) can be made on the idle one. ``fill`` should be one
+    ``nogil`` compiled call: a worker running Python contends for the GIL with this thread's glue (one job
+    per transform made the batch-1 training step no faster, measured).
+    """
+    if not entries or not prefetching():
+        return 0
+    state = np.zeros(len(entries), np.int8)
+    store = _DERIVED.store
+    for i, (tag, w, array) in enumerate(entries):
+        store[(tag, id(w))] = (w, _Pending(state, i, array))
+    _pool(1).submit(fill, state)
+    return len(entries)
 
 
 @contextlib.contextmanager

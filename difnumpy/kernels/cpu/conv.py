@@ -32,7 +32,7 @@ import numpy as np
 
 from difnumpy.kernels.cpu import _threads
 from difnumpy.kernels.cpu.elementwise import _bias_grad, _sum_rows
-from difnumpy.kernels.cpu.winograd import _wino_backward_weight, _wino_forward
+from difnumpy.kernels.cpu.winograd import _prefetch_filters, _wino_backward_weight, _wino_forward, _wino_plan
 
 USE_WINOGRAD = True  # False: 3x3 stride-1 convs use the im2col path (read by _conv_mode; tests patch it here)
 _CHUNK_COLS = 1024  # at most this many columns in the per-chunk column matrix ...
@@ -441,6 +441,29 @@ def conv2d_backward_input(dout: np.ndarray, w: np.ndarray, x_shape: tuple, strid
     _threads._run_split(_conv_pix_bwd_input_kernel, nt, True, dout, np.ascontiguousarray(_pix_weights(w).T), KH, KW,
                         stride, padding, G, dx)
     return dx
+
+
+def prefetch_conv3x3_filters(convs, n: int, backward: bool = False) -> int:
+    """Start the Winograd filter transforms a pass will ask for on an idle worker thread (optional hook).
+
+    Parameters
+    ----------
+    convs : iterable of ``(w, H, W)``: the weights (F, C, 3, 3) of a pass's 3x3 stride-1 "same" convs and
+        their image sizes, in the order the pass uses them (others are skipped)
+    n : int, the images of the pass
+    backward : bool, the input gradients' (flipped) filters instead of the forward's
+
+    Only where the conv takes the Winograd path and the transform is not yet in the pass's store; only in
+    a pass's scope, outside batch shares, with two or more threads (:func:`._threads.prefetch`). A hint:
+    the results are the same bits with or without it. Returns how many transforms were started.
+    """
+    specs = []
+    for w, H, W in convs:
+        F, C, KH, KW = w.shape
+        cin, cout = (F, C) if backward else (C, F)
+        if (KH, KW) == (3, 3) and _conv_mode(3, 3, 1, 1, cin) == 3:
+            specs.append((w, _wino_plan(n, cin, cout, H, W, w.itemsize)[0], backward))
+    return _prefetch_filters(specs)
 
 
 def _flipped(w):

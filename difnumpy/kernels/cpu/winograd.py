@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 from difnumpy.kernels.cpu import _threads
 from difnumpy.kernels.cpu.elementwise import _bias_grad, _sum_rows
@@ -654,6 +656,51 @@ def _wino_plan(N, C, F, H, W, itemsize):
 def _wino_filters(w, four=False, flip=False):
     """``w``'s transform (:func:`_wino_transform`), computed once per pass or frozen scope (:func:`._threads.derived`)."""
     return _threads.derived(("wino", bool(four), bool(flip)), w, lambda: _wino_transform(w, flip, four))
+
+
+def _prefetch_filters(specs):
+    """Start :func:`_wino_filters` ``(w, four, flip)`` for ``specs`` = ``[(w, four, flip)]`` on an idle thread, in
+    one compiled call (:func:`._threads.prefetch`); those already made or started are skipped."""
+    if not _threads.prefetching():
+        return 0
+    todo = [(w, bool(four), bool(flip)) for w, four, flip in specs
+            if w.flags.c_contiguous and _threads.missing(("wino", bool(four), bool(flip)), w)]
+    if not todo:
+        return 0
+    ws = tuple(w for w, _, _ in todo)
+    if len({(w.dtype, w.ndim) for w in ws}) != 1:
+        return 0  # one compiled call takes one array type
+    outs = tuple(np.empty((36 if four else 16, w.shape[0] * w.shape[1] + _WINO_PAD), w.dtype) for w, four, _ in todo)
+    fours = np.array([four for _, four, _ in todo])
+    flips = np.array([flip for _, _, flip in todo])
+    return _threads.prefetch([(("wino", four, flip), w, out) for (w, four, flip), out in zip(todo, outs)],
+                             lambda state: _wino_transform_many(ws, fours, flips, outs, state))
+
+
+@intrinsic
+def _release_fence(typingctx):
+    """An LLVM release fence: the stores before it are visible to another thread before those after it."""
+    def codegen(context, builder, signature, args):
+        builder.fence("release")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _wino_transform_many(ws, fours, flips, Ubs, state):
+    """:func:`_wino_transform` of each ``ws[i]`` into ``Ubs[i]`` (C-contiguous filters; F(4x4)'s where
+    ``fours[i]``), in order, each only if ``state[i]`` is 0 (to do): then 1 while made, 2 once made
+    (:func:`._threads.prefetch`)."""
+    for i in range(len(ws)):
+        if state[i] != 0:
+            continue
+        state[i] = 1
+        if fours[i]:
+            _wino4_weights(ws[i], flips[i], Ubs[i])
+        else:
+            _wino_weights(ws[i], flips[i], Ubs[i])
+        _release_fence()
+        state[i] = 2
 
 
 def _wino_forward(x, w, b, flip=False):
