@@ -3,6 +3,7 @@
 These check structure (keys present, numbers positive and finite), not speed. One thread each, so the
 shared CI machine is not oversubscribed.
 """
+import json
 import math
 import os
 import sys
@@ -152,6 +153,8 @@ def test_bench_train_smoke(tmp_path):
     if bench_train.torch is not None:  # PyTorch's FLOP counter: 61.9 MFLOP per 8x8 training image (issue 15)
         assert bench_train.train_flops_per_image(8) == pytest.approx(61.94e6, rel=1e-3)
     assert len(conv) == 1 and _positive(conv[0]["numba_fwd"]) and _positive(conv[0]["sgemm"])
+    saved = json.loads(out.read_text())  # the matmul rate at its best: measured before and after the models
+    assert len(saved["sgemm_runs"]) == 2 and saved["sgemm_gflops"] == max(saved["sgemm_runs"]) > 0
 
 
 def test_bench_scaling_smoke(tmp_path):
