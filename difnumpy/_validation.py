@@ -70,7 +70,7 @@ def check_float_array(x, name: str, *, min_ndim: int = 1, allow_nan: bool = Fals
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
-    if not allow_nan and not np.all(np.isfinite(x)):
+    if not allow_nan and not np.isfinite(x).all():  # (the method: ~1.5 us less a call than np.all)
         raise ValueError(f"{name} contains NaN or inf")
     return x
 

@@ -548,7 +548,7 @@ def solve(method: str, model_fn: Callable, schedule: Schedule, x, *, num_steps: 
         raise TypeError(f"x must have dtype float32 or float64, got {x.dtype}")
     if len(x.shape) < 1 or int(x.shape[0]) < 1:
         raise ValueError(f"x must have shape (N, ...) with N >= 1, got {tuple(x.shape)}")
-    if isinstance(x, np.ndarray) and not np.all(np.isfinite(x)):
+    if isinstance(x, np.ndarray) and not np.isfinite(x).all():
         raise ValueError("x contains NaN or inf")
     if not isinstance(start, (numbers.Integral, np.integer)) or isinstance(start, (bool, np.bool_)):
         raise TypeError(f"start must be an integer, got {start!r}")

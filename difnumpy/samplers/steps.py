@@ -97,7 +97,7 @@ def _x0_coefficients(schedule: Schedule, tt: np.ndarray, prediction_type: str):
     """
     abar = schedule.alphas_cumprod[tt]
     if prediction_type == "epsilon":
-        if np.any(abar == 0.0):
+        if (abar == 0.0).any():
             raise ValueError("prediction_type='epsilon' cannot recover x0 at a timestep with alphas_cumprod == 0 "
                              "(zero terminal SNR); use prediction_type='v_prediction'")
         return 1.0 / np.sqrt(abar), -np.sqrt(1.0 / abar - 1.0)
@@ -177,7 +177,7 @@ def _prev_timesteps(t_arr, prev_t, schedule, n):
     if prev_t is None:
         return t_arr - 1
     pt = check_timesteps(prev_t, schedule.num_timesteps, n, "prev_t", allow_minus_one=True)
-    if np.any(pt >= t_arr):
+    if (pt >= t_arr).any():
         raise ValueError("prev_t must be smaller than t for every sample")
     return pt
 
@@ -219,10 +219,10 @@ def _check_ddim_args(schedule: Schedule, tt: np.ndarray, pt: np.ndarray, eta, fi
     if not 0.0 < f <= 1.0:
         raise ValueError(f"final_alpha_cumprod must lie in (0, 1], got {f}")
     final = np.asarray(pt) < 0
-    if np.any(final):
+    if final.any():
         t_final = np.asarray(tt)[final]
         abar_t = schedule.alphas_cumprod[t_final]
-        if np.any(abar_t > f):
+        if (abar_t > f).any():
             i = int(np.argmax(abar_t))
             raise ValueError(
                 f"final_alpha_cumprod={float(f)!r} is below alphas_cumprod[t]={float(abar_t[i])!r} at the final "
@@ -341,7 +341,7 @@ def ddpm_step(schedule: Schedule, model_output: np.ndarray, t, x_t: np.ndarray, 
     A, B, lo, hi = _clip_bounds(x_t, model_output, A, B, clip_sample=clip_sample, clip_range=clip_range,
                                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                 sample_max_value=sample_max_value)
-    noise = _draw_noise(noise, rng, x_t, needed=not np.all(final))
+    noise = _draw_noise(noise, rng, x_t, needed=not final.all())
     if variance_type == "learned_range":
         # the step's variance varies per element: pre-scale the noise and use E = 1
         # (log beta~ is clipped at the final step, where it is 0 and no noise is added anyway)
@@ -405,5 +405,5 @@ def ddim_step(schedule: Schedule, model_output: np.ndarray, t, prev_t, x_t: np.n
     A, B, lo, hi = _clip_bounds(x_t, model_output, A, B, clip_sample=clip_sample, clip_range=clip_range,
                                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                 sample_max_value=sample_max_value)
-    noise = _draw_noise(noise, rng, x_t, needed=bool(np.any(sigma > 0)))
+    noise = _draw_noise(noise, rng, x_t, needed=bool((sigma > 0).any()))
     return _fused_update(x_t, model_output, noise, A, B, C, D, sigma, lo, hi, backend)
