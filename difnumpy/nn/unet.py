@@ -248,6 +248,7 @@ class UNet:
         self._shapes = shapes
         self._norm_channels = norm_channels
         self._down, self._mid, self._up = down, mid, up
+        self._conv3x3_keys = None  # (see _conv3x3s)
         self._num_skips = self.num_levels * self.num_res_blocks
 
     def _init_params(self, rng: np.random.Generator) -> None:
@@ -438,21 +439,24 @@ class UNet:
 
     def _conv3x3s(self, P: dict, H: int, W: int) -> list:
         """``(w, h, w)``: the weights of the pass's 3x3 stride-1 convs and their image sizes, in forward order."""
-        convs = [(P["stem.w"], H, W)]
-        for op in self._down:
-            if op[0] == "res":
-                convs += [(P[op[1] + ".conv1.w"], H, W), (P[op[1] + ".conv2.w"], H, W)]
-            else:  # the stride-2 downsampling conv
-                H, W = H // 2, W // 2
-        convs += [(P[self._mid[0] + ".conv1.w"], H, W), (P[self._mid[0] + ".conv2.w"], H, W)]
-        for op in self._up:
-            if op[0] == "res":
-                convs += [(P[op[1] + ".conv1.w"], H, W), (P[op[1] + ".conv2.w"], H, W)]
-            else:  # nearest 2x upsampling, then a 3x3 conv
-                H, W = 2 * H, 2 * W
-                convs.append((P[op[1] + ".w"], H, W))
-        convs.append((P["out.conv.w"], H, W))
-        return convs
+        keys = self._conv3x3_keys
+        if keys is None:  # (key, levels down) walked once from the graph's op lists
+            keys, e = [("stem.w", 0)], 0
+            for op in self._down:
+                if op[0] == "res":
+                    keys += [(op[1] + ".conv1.w", e), (op[1] + ".conv2.w", e)]
+                else:  # the stride-2 downsampling conv
+                    e += 1
+            keys += [(self._mid[0] + ".conv1.w", e), (self._mid[0] + ".conv2.w", e)]
+            for op in self._up:
+                if op[0] == "res":
+                    keys += [(op[1] + ".conv1.w", e), (op[1] + ".conv2.w", e)]
+                else:  # nearest 2x upsampling, then a 3x3 conv
+                    e -= 1
+                    keys.append((op[1] + ".w", e))
+            keys.append(("out.conv.w", e))
+            self._conv3x3_keys = keys
+        return [(P[key], H >> e, W >> e) for key, e in keys]  # (H, W divisible by 2**(levels - 1))
 
     def _prefetch_filters(self, P: dict, x_shape, backward: bool) -> None:
         """Let the backend start the pass's filter transforms on an idle thread (a pass not split into batch
