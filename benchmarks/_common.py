@@ -241,6 +241,7 @@ def machine_info() -> dict:
     # process-wide, so both sides of a comparison run under it (see difnumpy.kernels.cpu._malloc)
     from difnumpy.kernels.cpu._malloc import _state
     info["glibc_malloc_tuned"] = _state["tuned"]
+    info["glibc_malloc_one_arena"] = _state["arenas"]
     return info
 
 

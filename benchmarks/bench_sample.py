@@ -269,7 +269,8 @@ def main(argv=None):
     info = machine_info()
     print(f"# {info['cpu']}, {info['cores']} cores; numpy {info['numpy']}, numba {info['numba']}, "
           f"torch {info['torch']}; threads {threads}")
-    print(f"# glibc malloc tuned by the cpu backend (process-wide, both sides): {info['glibc_malloc_tuned']}")
+    print(f"# glibc malloc tuned by the cpu backend (process-wide, both sides): {info['glibc_malloc_tuned']}"
+          f" (one arena: {info['glibc_malloc_one_arena']})")
     print(f"# sampling, default U-Net, batch {batch}, {args.size}x{args.size}, float32")
 
     schedule = difnumpy.Schedule.from_name("linear", 1000)

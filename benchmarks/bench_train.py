@@ -305,7 +305,8 @@ def main(argv=None):
     info = machine_info()
     print(f"# {info['cpu']}, {info['cores']} cores; numpy {info['numpy']}, numba {info['numba']}, "
           f"torch {info['torch']}; threads {threads}")
-    print(f"# glibc malloc tuned by the cpu backend (process-wide, both sides): {info['glibc_malloc_tuned']}")
+    print(f"# glibc malloc tuned by the cpu backend (process-wide, both sides): {info['glibc_malloc_tuned']}"
+          f" (one arena: {info['glibc_malloc_one_arena']})")
     print(f"# warm-up: every contender until stable (>= {warmup['min_steps']} steps, two successive "
           f"{warmup['block']}-step medians within {warmup['rtol']:.0%}), interleaved; then {repeats} interleaved "
           f"timed round(s)")
