@@ -32,7 +32,7 @@ import numpy as np
 
 from difnumpy.kernels.cpu import _threads
 from difnumpy.kernels.cpu.elementwise import _bias_grad, _sum_rows
-from difnumpy.kernels.cpu.winograd import _prefetch_filters, _wino_backward_weight, _wino_forward, _wino_plan
+from difnumpy.kernels.cpu.winograd import _prefetch_filters, _wino4_ok, _wino_backward_weight, _wino_forward
 
 USE_WINOGRAD = True  # False: 3x3 stride-1 convs use the im2col path (read by _conv_mode; tests patch it here)
 _CHUNK_COLS = 1024  # at most this many columns in the per-chunk column matrix ...
@@ -462,9 +462,9 @@ def prefetch_conv3x3_filters(convs, n: int, backward: bool = False) -> int:
     specs = []
     for w, H, W in convs:
         F, C, KH, KW = w.shape
-        cin, cout = (F, C) if backward else (C, F)
+        cin = F if backward else C
         if (KH, KW) == (3, 3) and _conv_mode(3, 3, 1, 1, cin) == 3:
-            specs.append((w, _wino_plan(n, cin, cout, H, W, w.itemsize)[0], backward))
+            specs.append((w, _wino4_ok(n, H, W), backward))  # (_wino_plan's choice of F(4x4))
     return _prefetch_filters(specs)
 
 
