@@ -438,7 +438,7 @@ class UNet:
         return scope(self._frozen[0])
 
     def _conv3x3s(self, P: dict, H: int, W: int) -> list:
-        """``(w, h, w)``: the weights of the pass's 3x3 stride-1 convs and their image sizes, in forward order."""
+        """``[(weight, h, w)]``: the pass's 3x3 stride-1 convs' weights and image sizes, in forward order."""
         keys = self._conv3x3_keys
         if keys is None:  # (key, levels down) walked once from the graph's op lists
             keys, e = [("stem.w", 0)], 0

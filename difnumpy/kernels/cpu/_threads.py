@@ -97,6 +97,7 @@ def _blas_libs():
 # hands it); a frozen model (UNet.frozen, the sampling loops) passes its own store, which lives as long
 # as its read-only scope. Entries are keyed by (tag, id(w)) and keep ``w`` itself: a hit needs the very
 # same array object, so a replaced parameter never meets a stale entry.
+# A pass too small to split over the threads may have the idle one make its entries ahead (prefetch).
 _DERIVED = threading.local()  # .store: dict (tag, id(w)) -> (w, derived array), or None
 _DERIVED_LOCK = threading.Lock()  # one computation per entry when two shares miss it at once
 
