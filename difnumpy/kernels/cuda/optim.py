@@ -15,13 +15,13 @@ from difnumpy.kernels.cuda._runtime import _back, _check, _flat, asarray, cuda, 
 @kernel(lambda t: (t.a1,) * 4 + (t.s,) * 8)
 def build_adam(dt):
     """AdamW element update (Kingma & Ba 2015, Alg. 1; Loshchilov & Hutter 2019, Alg. 2), in ``dt``."""
-    def adam_k(p, g, m, v, lr_wd, b1, omb1, b2, omb2, step_size, bc2, eps):
+    def adam_k(p, g, m, v, lr_wd, b1, omb1, b2, omb2, step_size, rs, eps):
         for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
             gi = g[i]
             pi = p[i] - lr_wd * p[i]
             mi = b1 * m[i] + omb1 * gi
             vi = b2 * v[i] + omb2 * (gi * gi)
-            p[i] = pi - step_size * mi / (math.sqrt(vi / bc2) + eps)
+            p[i] = pi - step_size * mi / (math.sqrt(vi) * rs + eps)  # rs = (1 - beta2^t)^(-1/2)
             m[i] = mi
             v[i] = vi
     return adam_k
@@ -52,9 +52,9 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     dt = np.dtype(param.dtype)
     lr, beta1, beta2, eps, wd = float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)
     step_size = lr / (1.0 - beta1 ** int(step))
-    bc2 = 1.0 - beta2 ** int(step)
+    rs = 1.0 / math.sqrt(1.0 - beta2 ** int(step))
     d = [asarray(a) for a in (param, grad, m, v)]
-    scal = [dt.type(s) for s in (lr * wd, beta1, 1.0 - beta1, beta2, 1.0 - beta2, step_size, bc2, eps)]
+    scal = [dt.type(s) for s in (lr * wd, beta1, 1.0 - beta1, beta2, 1.0 - beta2, step_size, rs, eps)]
     n = int(np.prod(param.shape))
     if n:
         build_adam(dt)[grid1d(n)](*[_flat(a) for a in d], *scal)
