@@ -442,6 +442,23 @@ def _gt_rows(u0, u1, u2, u3, h):
     return u0 + h * (u1 + u2), h * (u1 - u2), h * (u1 + u2) + u3
 
 
+@numba.njit(cache=True, inline="always")
+def _filter_taps(w, w2, a, flip, g):
+    """g[q, bb] = tap q (row-major 3x3) of the filter of output row ``a`` and entry ``bb`` (stored in g's
+    dtype): w[bb, a] (F, C, 3, 3), or with ``flip`` the input gradient's w~[bb, a] = w[a, bb] rotated 180
+    degrees. ``w2`` is w viewed (F, C*9)."""
+    B = g.shape[1]
+    if flip:
+        wa = w[a].reshape(B, 9)  # the 9 taps of w[a, bb] are contiguous: read them in order
+        for bb in range(B):
+            for q in range(9):
+                g[8 - q, bb] = wa[bb, q]
+    else:
+        for bb in range(B):
+            for q in range(9):
+                g[q, bb] = w2[bb, 9 * a + q]
+
+
 @numba.njit(cache=True, nogil=True)
 def _wino_weights(w, flip, Ub):
     """Ub[4k + l, c*F + f] = (G w[f, c] G^T)[k, l]: plane k of ``Ub`` (16, >= C*F) is U[k]^T, shape (C, F).
@@ -460,15 +477,7 @@ def _wino_weights(w, flip, Ub):
     r = np.empty((12, B), w.dtype)  # G g: rows 4 * column + k
     w2 = w.reshape(F, C * 9)
     for a in range(A):
-        if flip:
-            wa = w[a].reshape(B, 9)  # the 9 taps of w[a, bb] are contiguous: read them in order
-            for bb in range(B):
-                for q in range(9):
-                    g[8 - q, bb] = wa[bb, q]
-        else:
-            for bb in range(B):
-                for q in range(9):
-                    g[q, bb] = w2[bb, 9 * a + q]
+        _filter_taps(w, w2, a, flip, g)
         for col in range(3):  # column col of G g: _g_rows(g[col], g[3 + col], g[6 + col])
             g0 = g[col]
             g1 = g[3 + col]
@@ -530,15 +539,7 @@ def _wino4_weights(w, flip, Ub):
     r = np.empty((18, B), np.float64)  # Gi g: rows 6 * column + k
     w2 = w.reshape(F, C * 9)
     for a in range(A):
-        if flip:
-            wa = w[a].reshape(B, 9)
-            for bb in range(B):
-                for q in range(9):
-                    g[8 - q, bb] = wa[bb, q]
-        else:
-            for bb in range(B):
-                for q in range(9):
-                    g[q, bb] = w2[bb, 9 * a + q]
+        _filter_taps(w, w2, a, flip, g)
         for col in range(3):
             x0, x1, x2 = g[col], g[3 + col], g[6 + col]
             r0, r1, r2, r3, r4, r5 = (r[6 * col], r[6 * col + 1], r[6 * col + 2], r[6 * col + 3], r[6 * col + 4],
