@@ -69,9 +69,12 @@ BACKEND_API: dict[str, str] = {
 #: ``resblock_backward(...)`` its backward, each None where the backend prefers the unfused ops;
 #: ``adam_update_many(params, grads, ms, vs, ...)`` ``adam_update`` on lists of arrays in one call (the same bits);
 #: ``prefetch_conv3x3_filters(convs, n, backward)`` a hint, inside ``step_scope``, that a pass of ``n`` images
-#: will run the 3x3 convs ``convs`` (``(w, H, W)`` in order of use; ``backward``: their input gradients).
+#: will run the 3x3 convs ``convs`` (``(w, H, W)`` in order of use; ``backward``: their input gradients);
+#: ``plan_forward(ops, x_shape, dtype, groups, eps)`` a callable ``plan(x, tps) -> out`` running a frozen model's
+#: inference pass (the op list of ``UNet._plan_ops``) in one call, the same bits, or None (then the U-Net runs
+#: the ops itself; a plan may also return None, busy, with the same meaning).
 OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward",
-                                 "adam_update_many", "prefetch_conv3x3_filters")
+                                 "adam_update_many", "prefetch_conv3x3_filters", "plan_forward")
 
 
 def missing_api(module) -> list[str]:

@@ -138,7 +138,8 @@ class UNet:
             raise ValueError(f"groups={self.groups} must divide every GroupNorm channel count "
                              f"{sorted(set(self._norm_channels))}; it does not divide {bad}")
         self.params: dict[str, np.ndarray] = {}
-        # while frozen: [store of derived weights, arrays made read-only, (param ids, checked params) | None]
+        # while frozen: [store of derived weights, arrays made read-only, (param ids, checked params) | None,
+        #               (checked params, {input shape: (plan, ResBlock keys) | None}) | None]
         self._frozen: list | None = None
         self._init_params(rng)
 
@@ -487,12 +488,12 @@ class UNet:
         if self._frozen is not None:
             yield self
             return
-        self._frozen = [{}, [], None]
+        self._frozen = [{}, [], None, None]
         try:
             self._freeze_arrays()
             yield self
         finally:
-            store, arrays, _ = self._frozen
+            store, arrays = self._frozen[0], self._frozen[1]
             self._frozen = None
             store.clear()
             for v in arrays:
@@ -510,7 +511,10 @@ class UNet:
             y = self._check_labels(class_labels, int(x.shape[0]))
             P = self._pass_params()
             shares = self._shares(x.shape[0])
-            if shares is None:
+            out = self._planned(P, x, t, y) if shares is None and not keep and self._frozen is not None else None
+            if out is not None:
+                cache = None
+            elif shares is None:
                 if self._frozen is None:  # (a frozen scope makes its transforms once)
                     self._prefetch_filters(P, x.shape, False)
                 out, cache = self._forward_impl(P, x, t, y, keep)
@@ -525,10 +529,30 @@ class UNet:
                 cache = {"shares": shares, "parts": [p[1] for p in parts]} if keep else None
         return (self._kern.to_host(out) if given_host else out), cache
 
-    def _forward_impl(self, P, x, t, y, keep: bool):
-        # x, t, P: already checked by _forward (once for the whole batch, not once per share or layer)
+    def _planned(self, P, x, t, y):
+        """The frozen inference pass through the backend's optional hook ``plan_forward`` (one compiled call
+        on the cpu backend; the same bits), or None where the backend has no plan for it. The plan of each
+        input shape is made at its first pass and kept while the scope's parameters stay the same arrays."""
+        hook = getattr(self._kern, "plan_forward", None)
+        if hook is None:
+            return None
+        kept = self._frozen[3]
+        if kept is None or kept[0] is not P:  # (P: the checked parameters, new when an array was replaced)
+            kept = self._frozen[3] = (P, {})
+        shape = tuple(x.shape)
+        if shape not in kept[1]:
+            ops, res_keys = self._plan_ops(P)
+            kept[1][shape] = (hook(ops, shape, self.dtype, self.groups, GN_EPS), res_keys)
+        plan, res_keys = kept[1][shape]
+        if plan is None:
+            return None
+        temb_act = self._time_embedding(P, t, y)[0]
+        return plan(x, [L._linear(temb_act, P[key + ".temb.w"], P[key + ".temb.b"], self._kern)[0] for key in res_keys])
+
+    def _time_embedding(self, P, t, y):
+        """``(SiLU(temb), caches)``: the time MLP (plus the class embedding), shared by every ResBlock."""
         k = self._kern
-        # time embedding (float64 sinusoid on the host, cast to the model dtype)
+        # float64 sinusoid on the host, cast to the model dtype
         e = k.asarray(L.timestep_embedding(t, self.base_channels, dtype=self.dtype))
         e, c_l1 = L._linear(e, P["time.lin1.w"], P["time.lin1.b"], k)
         e, c_a1 = L._silu(e, k)
@@ -537,7 +561,41 @@ class UNet:
         if y is not None:  # the class embedding added to temb (improved-diffusion's label_emb)
             ey, c_y = L.embedding_forward(P["label_emb.w"], y, backend=k)
             k.add_(e, ey)
-        temb_act, c_a2 = L._silu(e, k)  # SiLU(temb), shared by every ResBlock
+        temb_act, c_a2 = L._silu(e, k)
+        return temb_act, (c_l1, c_a1, c_l2, c_a2, c_y)
+
+    def _plan_ops(self, P: dict):
+        """The inference pass of :meth:`_forward_impl` as the op list of the backend hook ``plan_forward``
+        (``(kind, dst, inputs..., weights...)``; slot 0 is the input, op i writes slot i + 1) and the
+        ResBlocks' keys in op order (whose time-embedding projections the plan takes)."""
+        ops, res_keys = [], []
+
+        def add(kind, *args):
+            ops.append((kind, len(ops) + 1) + args)
+            return len(ops)
+
+        def res(key, has_skip, src):
+            res_keys.append(key)
+            return add("res", src, *(P[f"{key}.{n}"] for n in ("norm1.gamma", "norm1.beta", "conv1.w", "conv1.b",
+                                                              "norm2.gamma", "norm2.beta", "conv2.w", "conv2.b")),
+                       *((P[key + ".skip.w"], P[key + ".skip.b"]) if has_skip else (None, None)))
+
+        h, skips = add("conv", 0, P["stem.w"], P["stem.b"], 1, 1), []
+        for op in self._down:
+            h = res(op[1], op[2], h) if op[0] == "res" else add("conv", h, P[op[1] + ".w"], P[op[1] + ".b"], 2, 1)
+            if op[0] == "res":
+                skips.append(h)
+        h = res(self._mid[0], self._mid[1], h)
+        for op in self._up:
+            h = res(op[1], op[2], add("concat", h, skips.pop())) if op[0] == "res" else \
+                add("conv", add("upsample", h), P[op[1] + ".w"], P[op[1] + ".b"], 1, 1)
+        add("conv", add("gn_silu", h, P["out.norm.gamma"], P["out.norm.beta"]), P["out.conv.w"], P["out.conv.b"], 1, 1)
+        return ops, res_keys
+
+    def _forward_impl(self, P, x, t, y, keep: bool):
+        # x, t, P: already checked by _forward (once for the whole batch, not once per share or layer)
+        k = self._kern
+        temb_act, c_time = self._time_embedding(P, t, y)  # SiLU(temb), shared by every ResBlock
 
         h, c_stem = L._conv2d(x, P["stem.w"], P["stem.b"], 1, 1, k)
         skips: list[np.ndarray] = []
@@ -569,7 +627,7 @@ class UNet:
         if not keep:
             return out, None
         cache = {
-            "time": (c_l1, c_a1, c_l2, c_a2, c_y),
+            "time": c_time,
             "stem": c_stem,
             "down": down_c,
             "mid": mid_c,

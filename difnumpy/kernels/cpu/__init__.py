@@ -2,7 +2,7 @@
 
 It provides every function of :data:`difnumpy.kernels.api.BACKEND_API` and the optional hooks
 ``step_scope``, ``batch_shares``, ``run_shares``, ``resblock_forward``, ``resblock_backward``,
-``adam_update_many`` and ``prefetch_conv3x3_filters``. Every compiled kernel has a NumPy twin with the same
+``adam_update_many``, ``prefetch_conv3x3_filters`` and ``plan_forward``. Every compiled kernel has a NumPy twin with the same
 signature in :mod:`difnumpy.kernels.reference` and a test asserting that they agree. All kernels are
 compiled with ``cache=True``: the first call compiles (seconds), later calls and processes reuse the
 cached machine code. No result depends on ``numba.get_num_threads()`` (see :mod:`._threads`).
@@ -17,7 +17,8 @@ Modules, one per op family:
 - :mod:`.layout`: channel concat / split, nearest 2x upsampling;
 - :mod:`.optim`: Adam (also all arrays in one call, the hook ``adam_update_many``) and the EMA;
 - :mod:`.resblock`: the U-Net's ResBlock forward in one compiled call and its backward in two (the hooks
-  ``resblock_forward`` and ``resblock_backward``).
+  ``resblock_forward`` and ``resblock_backward``);
+- :mod:`.plan`: a frozen model's small inference pass as one compiled program (the hook ``plan_forward``).
 
 The array functions are the NumPy twins themselves; the linear layer is the twin's BLAS GEMM (:mod:`.linear`).
 """
@@ -35,6 +36,7 @@ from difnumpy.kernels.cpu.layout import (concat_channels, split_channels, upsamp
                                          upsample_nearest2x_forward)
 from difnumpy.kernels.cpu.linear import linear_backward, linear_forward
 from difnumpy.kernels.cpu.optim import adam_update, adam_update_many, ema_update
+from difnumpy.kernels.cpu.plan import plan_forward
 from difnumpy.kernels.cpu.resblock import resblock_backward, resblock_forward
 from difnumpy.kernels.reference import asarray, copy, copy_into, is_array, to_host, zeros
 
@@ -56,5 +58,5 @@ __all__ = [
     "adam_update", "ema_update",
     # optional hooks
     "step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward", "adam_update_many",
-    "prefetch_conv3x3_filters",
+    "prefetch_conv3x3_filters", "plan_forward",
 ]

@@ -597,12 +597,12 @@ def _wino_bands(th, tw, C, F, itemsize):
     return max(1, min(th, -(-(th * tw) // _wino_tiles(C, F, itemsize))))
 
 
-def _wino_transform(w, flip=False, four=False):
+def _wino_transform(w, flip=False, four=False, out=None):
     """The transformed filters of ``w`` (F, C, 3, 3): ``Ub`` (16, C*F + pad), plane k = U[k]^T (C, F); with
     ``flip`` those of the input gradient's conv (C -> F channels swapped, the kernel rotated 180 degrees);
-    with ``four`` F(4x4, 3x3)'s (36 planes, :func:`_wino4_weights`)."""
+    with ``four`` F(4x4, 3x3)'s (36 planes, :func:`_wino4_weights`). ``out``: an array of that shape to write."""
     F, C = w.shape[0], w.shape[1]
-    Ub = np.empty((36 if four else 16, C * F + _WINO_PAD), w.dtype)
+    Ub = np.empty((36 if four else 16, C * F + _WINO_PAD), w.dtype) if out is None else out
     (_wino4_weights if four else _wino_weights)(np.ascontiguousarray(w), bool(flip), Ub)
     return Ub
 
