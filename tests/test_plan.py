@@ -1,12 +1,16 @@
 """The cpu backend's planned inference pass (``plan_forward``, issue 15): a frozen model's small pass as one
 compiled program must give the unplanned pass's bits, be used where it applies and only there, and follow
 replaced parameters."""
+from concurrent.futures import Future
+
 import numba
 import numpy as np
 import pytest
 
 import difnumpy.kernels.cpu as cpu
+from difnumpy.kernels.cpu import _plan_util
 from difnumpy.kernels.cpu import plan as cpu_plan
+from difnumpy.nn._unet_plan import plan_ops
 from difnumpy.nn.unet import UNet
 
 TINY = dict(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=2)
@@ -98,26 +102,29 @@ def test_plan_follows_replaced_parameters_and_a_busy_plan_falls_back(rng):
         np.testing.assert_array_equal(m(x, 9), want_other)
 
 
-def test_training_passes_are_never_planned(monkeypatch, rng):
+def test_one_inference_plan_per_input_shape_and_scope(monkeypatch, rng):
     m = UNet(**TINY, backend="cpu", rng=0)
     _randomize(m, rng)
     made = []
     real = cpu.plan_forward
-    monkeypatch.setattr(cpu, "plan_forward", lambda *a: made.append(a[1]) or real(*a))
+    monkeypatch.setattr(cpu, "plan_forward", lambda *a, **k: made.append((a[1], k.get("params") is None))
+                        or real(*a, **k))
     x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
-    m(x, 4)                  # not frozen
+    m(x, 4)                  # not frozen: no plan
+    assert made == []
     with m.frozen():
-        out, cache = m.forward(x, 4)  # keeps a cache for the backward pass
-        assert made == [] and "out" in cache
+        out, cache = m.forward(x, 4)  # keeps a cache for the backward pass: a training plan's
+        assert "out" in cache and made == [((2, 1, 8, 8), False)]
         m(x, 4)
         m(x, 5)
-    assert made == [(2, 1, 8, 8)]  # made once for the scope's input shape
+        m(x[:1], 5)
+    assert made == [((2, 1, 8, 8), False), ((2, 1, 8, 8), True), ((1, 1, 8, 8), True)]
 
 
 def test_plan_program_rows_match_the_op_list(rng):
     """The builder writes one row per op, each op's code first; an op it has no form for gives no plan."""
     m = UNet(**TINY, backend="cpu", rng=0)
-    ops, res_keys = m._plan_ops(m.params)
+    ops, res_keys = plan_ops(m, m.params)
     with m._scope():
         plan = cpu_plan.plan_forward(ops, (1, 1, 8, 8), np.float32, m.groups, 1e-5)
     kinds = {"conv": None, "res": cpu_plan._RES, "gn_silu": cpu_plan._GN_SILU, "concat": cpu_plan._CONCAT,
@@ -132,3 +139,121 @@ def test_plan_program_rows_match_the_op_list(rng):
         [op[1] for op in m._up if op[0] == "res"]
     with m._scope():
         assert cpu_plan.plan_forward(ops + [("unknown", 99, 1)], (1, 1, 8, 8), np.float32, m.groups, 1e-5) is None
+
+
+# ---- the training pass (keep=True): the forward as one program, the backward reads its caches ----
+
+def _train_steps(model, x, t, kw, steps=3):
+    """``steps`` Adam steps on an MSE loss: each step's output, gradients and input gradient (copies)."""
+    from difnumpy.nn.layers import mse_loss
+    from difnumpy.nn.optim import Adam
+    opt = Adam(model.params, lr=1e-3)
+    noise = np.random.default_rng(5).standard_normal(x.shape).astype(model.dtype)
+    out = []
+    for _ in range(steps):
+        y, cache = model.forward(x, t, **kw)
+        _, d = mse_loss(y, noise)
+        g, dx = model.backward(d, cache, return_input_grad=True)
+        opt.step(g)
+        out.append((y.copy(), {k: v.copy() for k, v in g.items()}, dx.copy()))
+    return out
+
+
+@pytest.mark.parametrize("cfg,shape", [
+    (dict(), (1, 1, 8, 8)), (dict(), (1, 1, 28, 28)), (dict(dtype=np.float64), (2, 1, 8, 8)),
+    (dict(TINY, num_classes=3, channel_mults=(1, 2, 2), num_res_blocks=2), (1, 1, 16, 16)),
+    (dict(in_channels=3, base_channels=16, groups=4), (2, 3, 12, 12)), (dict(TINY, in_channels=6), (1, 6, 8, 8)),
+])
+@pytest.mark.parametrize("worker", ["none", "ahead", "busy"])
+def test_planned_training_pass_gives_the_unplanned_bits(cfg, shape, worker, monkeypatch, rng):
+    """Three optimizer steps (the weights change between the passes: the plan reads them again each time)."""
+    from difnumpy.kernels.cpu import _threads
+    x = rng.standard_normal(shape)
+    t = rng.integers(0, 1000, shape[0])
+    kw = {"class_labels": rng.integers(0, 4, shape[0])} if cfg.get("num_classes") else {}
+    models = []
+    for _ in range(2):
+        m = UNet(backend="cpu", rng=0, **cfg)
+        _randomize(m, np.random.default_rng(3))
+        models.append(m)
+    monkeypatch.delattr(cpu, "plan_forward")
+    want = _train_steps(models[0], x, t, kw)
+    monkeypatch.undo()
+    if worker == "none":  # every transform made by the pass itself (into its second buffer)
+        monkeypatch.setattr(_threads, "prefetching", lambda: False)
+    else:  # a worker's job runs to its end before the pass goes on: every transform made by the job
+        jobs = []
+
+        class Pool:
+            @staticmethod
+            def submit(f, *a):
+                jobs.append(f)
+                done = Future()
+                if worker == "busy" and f is cpu_plan._make_transforms:
+                    # a job that claimed every transform and has not finished one: the pass makes them
+                    prog, ws, offs, _, state = a
+                    for r in prog[prog[:, 0] == cpu_plan._PWINO]:
+                        ws[offs[r[5], 0]:offs[r[5], 1]] = np.nan
+                    state[:] = _plan_util._BUSY
+                    done.set_result(None)
+                else:
+                    done.set_result(f(*a))
+                return done
+        monkeypatch.setattr(_threads, "prefetching", lambda: True)
+        monkeypatch.setattr(_threads, "_pool", lambda n: Pool)
+    got = _train_steps(models[1], x, t, kw)
+    assert models[1]._train_plan is not None and models[1]._train_plan[1] is not None
+    if worker != "none":
+        assert jobs.count(cpu_plan._make_transforms) == 6  # one job a forward pass, one a backward pass
+    for (y0, g0, dx0), (y1, g1, dx1) in zip(want, got):
+        np.testing.assert_array_equal(y1, y0)
+        np.testing.assert_array_equal(dx1, dx0)
+        assert list(g1) == list(g0)
+        for k in g0:
+            np.testing.assert_array_equal(g1[k], g0[k], err_msg=k)
+
+
+def test_training_plan_is_kept_across_steps_and_follows_replaced_parameters(rng):
+    m = UNet(**TINY, backend="cpu", rng=0)
+    _randomize(m, rng)
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    m.forward(x, 3)
+    kept = m._train_plan
+    m.forward(x, 4)
+    assert m._train_plan is kept  # the same arrays: the same plan
+    other = UNet(**TINY, backend="cpu", rng=1)
+    _randomize(other, rng)
+    m.set_params(other.host_params())
+    out, _ = m.forward(x, 4)
+    assert m._train_plan is not kept
+    np.testing.assert_array_equal(out, other.forward(x, 4)[0])
+    with m.frozen():  # the plan only reads the parameters: still used
+        np.testing.assert_array_equal(m.forward(x, 4)[0], out)
+    fresh = other.copy()
+    with fresh.frozen():  # read-only parameters: no training plan is made (the unplanned pass)
+        np.testing.assert_array_equal(fresh.forward(x, 4)[0], out)
+        assert fresh._train_plan[1] is None
+
+
+def test_planned_backward_once_per_cache_and_without_the_input_gradient(rng):
+    """The planned backward writes its gradients into the forward's workspace, so it runs once per cache; a
+    second backward on the cache is the unplanned one (the first call's gradients stay as they were)."""
+    m = UNet(backend="cpu", rng=0)
+    _randomize(m, rng)
+    x = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+    out, cache = m.forward(x, 7)
+    dout = np.cos(out)
+    g1 = m.backward(dout, cache)
+    assert cache["plan"][1] is None  # used
+    keep = {k: v.copy() for k, v in g1.items()}
+    g2, dx = m.backward(dout, cache, return_input_grad=True)
+    for k in g1:
+        np.testing.assert_array_equal(g1[k], keep[k])
+        np.testing.assert_array_equal(g2[k], g1[k])
+    out3, cache3 = m.forward(x, 7)
+    g3, dx3 = m.backward(dout, cache3, return_input_grad=True)  # planned, with the input's gradient
+    np.testing.assert_array_equal(dx3, dx)
+    for k in g1:
+        np.testing.assert_array_equal(g3[k], g1[k])
+    with pytest.raises(ValueError, match="dout must have the output's shape"):
+        m.backward(dout[:, :, :4], m.forward(x, 7)[1])

@@ -70,9 +70,11 @@ BACKEND_API: dict[str, str] = {
 #: ``adam_update_many(params, grads, ms, vs, ...)`` ``adam_update`` on lists of arrays in one call (the same bits);
 #: ``prefetch_conv3x3_filters(convs, n, backward)`` a hint, inside ``step_scope``, that a pass of ``n`` images
 #: will run the 3x3 convs ``convs`` (``(w, H, W)`` in order of use; ``backward``: their input gradients);
-#: ``plan_forward(ops, x_shape, dtype, groups, eps)`` a callable ``plan(x, tps) -> out`` running a frozen model's
-#: inference pass (the op list of ``UNet._plan_ops``) in one call, the same bits, or None (then the U-Net runs
-#: the ops itself; a plan may also return None, busy, with the same meaning).
+#: ``plan_forward(ops, x_shape, dtype, groups, eps, params=None)`` a callable ``plan(x, tps)`` running a U-Net
+#: pass (the op list of ``nn._unet_plan.plan_ops``) in one call, the same bits, or None (then the U-Net runs
+#: the ops itself): with ``params=None`` a frozen model's inference pass (``-> out``, or None when busy), with
+#: the parameter arrays a training pass (``-> (out, views, workspace)``; ``plan.backward(workspace, dout,
+#: input_grad)`` its backward).
 OPTIONAL_API: tuple[str, ...] = ("step_scope", "batch_shares", "run_shares", "resblock_forward", "resblock_backward",
                                  "adam_update_many", "prefetch_conv3x3_filters", "plan_forward")
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from difnumpy._validation import as_generator
 from difnumpy.kernels import check_backend, get_backend
+from difnumpy.nn import _unet_plan as _plan
 from difnumpy.nn import layers as L
 
 __all__ = ["UNet"]
@@ -141,6 +142,7 @@ class UNet:
         # while frozen: [store of derived weights, arrays made read-only, (param ids, checked params) | None,
         #               (checked params, {input shape: (plan, ResBlock keys) | None}) | None]
         self._frozen: list | None = None
+        self._train_plan = None  # ((input shape, parameter ids), plan | None, ops, ResBlock keys): _unet_plan
         self._init_params(rng)
 
     # ---------------------------------------------------------------- construction
@@ -511,9 +513,12 @@ class UNet:
             y = self._check_labels(class_labels, int(x.shape[0]))
             P = self._pass_params()
             shares = self._shares(x.shape[0])
-            out = self._planned(P, x, t, y) if shares is None and not keep and self._frozen is not None else None
-            if out is not None:
-                cache = None
+            planned = None
+            if shares is None:  # the backend may run the pass as one compiled program (the same bits)
+                planned = _plan.training_pass(self, P, x, t, y, GN_EPS) if keep else \
+                    _plan.inference_pass(self, P, x, t, y, GN_EPS) if self._frozen is not None else None
+            if planned is not None:
+                out, cache = planned
             elif shares is None:
                 if self._frozen is None:  # (a frozen scope makes its transforms once)
                     self._prefetch_filters(P, x.shape, False)
@@ -529,26 +534,6 @@ class UNet:
                 cache = {"shares": shares, "parts": [p[1] for p in parts]} if keep else None
         return (self._kern.to_host(out) if given_host else out), cache
 
-    def _planned(self, P, x, t, y):
-        """The frozen inference pass through the backend's optional hook ``plan_forward`` (one compiled call
-        on the cpu backend; the same bits), or None where the backend has no plan for it. The plan of each
-        input shape is made at its first pass and kept while the scope's parameters stay the same arrays."""
-        hook = getattr(self._kern, "plan_forward", None)
-        if hook is None:
-            return None
-        kept = self._frozen[3]
-        if kept is None or kept[0] is not P:  # (P: the checked parameters, new when an array was replaced)
-            kept = self._frozen[3] = (P, {})
-        shape = tuple(x.shape)
-        if shape not in kept[1]:
-            ops, res_keys = self._plan_ops(P)
-            kept[1][shape] = (hook(ops, shape, self.dtype, self.groups, GN_EPS), res_keys)
-        plan, res_keys = kept[1][shape]
-        if plan is None:
-            return None
-        temb_act = self._time_embedding(P, t, y)[0]
-        return plan(x, [L._linear(temb_act, P[key + ".temb.w"], P[key + ".temb.b"], self._kern)[0] for key in res_keys])
-
     def _time_embedding(self, P, t, y):
         """``(SiLU(temb), caches)``: the time MLP (plus the class embedding), shared by every ResBlock."""
         k = self._kern
@@ -563,34 +548,6 @@ class UNet:
             k.add_(e, ey)
         temb_act, c_a2 = L._silu(e, k)
         return temb_act, (c_l1, c_a1, c_l2, c_a2, c_y)
-
-    def _plan_ops(self, P: dict):
-        """The inference pass of :meth:`_forward_impl` as the op list of the backend hook ``plan_forward``
-        (``(kind, dst, inputs..., weights...)``; slot 0 is the input, op i writes slot i + 1) and the
-        ResBlocks' keys in op order (whose time-embedding projections the plan takes)."""
-        ops, res_keys = [], []
-
-        def add(kind, *args):
-            ops.append((kind, len(ops) + 1) + args)
-            return len(ops)
-
-        def res(key, has_skip, src):
-            res_keys.append(key)
-            return add("res", src, *(P[f"{key}.{n}"] for n in ("norm1.gamma", "norm1.beta", "conv1.w", "conv1.b",
-                                                              "norm2.gamma", "norm2.beta", "conv2.w", "conv2.b")),
-                       *((P[key + ".skip.w"], P[key + ".skip.b"]) if has_skip else (None, None)))
-
-        h, skips = add("conv", 0, P["stem.w"], P["stem.b"], 1, 1), []
-        for op in self._down:
-            h = res(op[1], op[2], h) if op[0] == "res" else add("conv", h, P[op[1] + ".w"], P[op[1] + ".b"], 2, 1)
-            if op[0] == "res":
-                skips.append(h)
-        h = res(self._mid[0], self._mid[1], h)
-        for op in self._up:
-            h = res(op[1], op[2], add("concat", h, skips.pop())) if op[0] == "res" else \
-                add("conv", add("upsample", h), P[op[1] + ".w"], P[op[1] + ".b"], 1, 1)
-        add("conv", add("gn_silu", h, P["out.norm.gamma"], P["out.norm.beta"]), P["out.conv.w"], P["out.conv.b"], 1, 1)
-        return ops, res_keys
 
     def _forward_impl(self, P, x, t, y, keep: bool):
         # x, t, P: already checked by _forward (once for the whole batch, not once per share or layer)
@@ -700,6 +657,16 @@ class UNet:
         self._kern.add_(dx, dx_skip)    # kernels return fresh arrays, so in place is safe
         return dx, dtemb_act
 
+    def _time_backward(self, c_time, dtemb, g: dict) -> None:
+        """The time MLP's (and the class embedding's) gradients into ``g``, from SiLU(temb)'s ``dtemb``."""
+        c_l1, c_a1, c_l2, c_a2, c_y = c_time
+        de = L.silu_backward(dtemb, c_a2)
+        if c_y is not None:
+            g["label_emb.w"] = L.embedding_backward(de, c_y)
+        de, g["time.lin2.w"], g["time.lin2.b"] = L.linear_backward(de, c_l2)
+        de = L.silu_backward(de, c_a1)
+        _, g["time.lin1.w"], g["time.lin1.b"] = L.linear_backward(de, c_l1)
+
     def backward(self, dout: np.ndarray, cache: dict, return_input_grad: bool = False):
         """Backward pass through :meth:`forward`.
 
@@ -723,9 +690,12 @@ class UNet:
             dout = np.asarray(dout)
         if "shares" not in cache:
             with self._scope():
-                if "params" in cache and self._frozen is None:
-                    self._prefetch_filters(cache["params"], cache["stem"][0].shape, True)
-                res = self._backward_impl(dout, cache, return_input_grad)
+                # the backend may run it as one compiled program (a planned forward's; the same bits)
+                res = _plan.training_backward(self, dout, cache, return_input_grad) if "plan" in cache else None
+                if res is None:
+                    if "params" in cache and self._frozen is None:
+                        self._prefetch_filters(cache["params"], cache["stem"][0].shape, True)
+                    res = self._backward_impl(dout, cache, return_input_grad)
         else:
             shares, parts = cache["shares"], cache["parts"]
             out_shape = (shares[-1][1], self.in_channels) + parts[0]["out"][1][0].shape[2:]  # (out conv's input)
@@ -786,13 +756,7 @@ class UNet:
                 dh, g[key + ".w"], g[key + ".b"] = L.conv2d_backward(dh, c)
         dx, g["stem.w"], g["stem.b"] = L.conv2d_backward(dh, cache["stem"], input_grad=return_input_grad)
 
-        c_l1, c_a1, c_l2, c_a2, c_y = cache["time"]
-        de = L.silu_backward(dtemb, c_a2)
-        if c_y is not None:
-            g["label_emb.w"] = L.embedding_backward(de, c_y)
-        de, g["time.lin2.w"], g["time.lin2.b"] = L.linear_backward(de, c_l2)
-        de = L.silu_backward(de, c_a1)
-        _, g["time.lin1.w"], g["time.lin1.b"] = L.linear_backward(de, c_l1)
+        self._time_backward(cache["time"], dtemb, g)
 
         grads = {key: k.asarray(g[key], self.dtype) for key in self.params}
         return (grads, dx) if return_input_grad else grads

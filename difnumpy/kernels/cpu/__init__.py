@@ -18,7 +18,8 @@ Modules, one per op family:
 - :mod:`.optim`: Adam (also all arrays in one call, the hook ``adam_update_many``) and the EMA;
 - :mod:`.resblock`: the U-Net's ResBlock forward in one compiled call and its backward in two (the hooks
   ``resblock_forward`` and ``resblock_backward``);
-- :mod:`.plan`: a frozen model's small inference pass as one compiled program (the hook ``plan_forward``).
+- :mod:`.plan` (with :mod:`.plan_backward` and :mod:`._plan_util`): a small U-Net pass as one compiled program
+  (the hook ``plan_forward``): a frozen model's inference pass, a training pass's forward and backward.
 
 The array functions are the NumPy twins themselves; the linear layer is the twin's BLAS GEMM (:mod:`.linear`).
 """
