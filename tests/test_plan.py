@@ -160,7 +160,7 @@ def _train_steps(model, x, t, kw, steps=3):
 
 
 @pytest.mark.parametrize("cfg,shape", [
-    (dict(), (1, 1, 8, 8)), (dict(), (1, 1, 28, 28)), (dict(dtype=np.float64), (2, 1, 8, 8)),
+    (dict(), (1, 1, 8, 8)), (dict(), (1, 1, 28, 28)), (dict(TINY, dtype=np.float64), (2, 1, 8, 8)),
     (dict(TINY, num_classes=3, channel_mults=(1, 2, 2), num_res_blocks=2), (1, 1, 16, 16)),
     (dict(in_channels=3, base_channels=16, groups=4), (2, 3, 12, 12)), (dict(TINY, in_channels=6), (1, 6, 8, 8)),
 ])
@@ -202,7 +202,7 @@ def test_planned_training_pass_gives_the_unplanned_bits(cfg, shape, worker, monk
         monkeypatch.setattr(_threads, "prefetching", lambda: True)
         monkeypatch.setattr(_threads, "_pool", lambda n: Pool)
     got = _train_steps(models[1], x, t, kw)
-    assert models[1]._train_plan is not None and models[1]._train_plan[1] is not None
+    assert models[1]._train_plans[tuple(shape), False][1] is not None
     if worker != "none":
         assert jobs.count(cpu_plan._make_transforms) == 6  # one job a forward pass, one a backward pass
     for (y0, g0, dx0), (y1, g1, dx1) in zip(want, got):
@@ -218,21 +218,21 @@ def test_training_plan_is_kept_across_steps_and_follows_replaced_parameters(rng)
     _randomize(m, rng)
     x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
     m.forward(x, 3)
-    kept = m._train_plan
+    kept = m._train_plans[x.shape, False]
     m.forward(x, 4)
-    assert m._train_plan is kept  # the same arrays: the same plan
+    assert m._train_plans[x.shape, False] is kept  # the same arrays: the same plan
     other = UNet(**TINY, backend="cpu", rng=1)
     _randomize(other, rng)
     m.set_params(other.host_params())
     out, _ = m.forward(x, 4)
-    assert m._train_plan is not kept
+    assert m._train_plans[x.shape, False] is not kept
     np.testing.assert_array_equal(out, other.forward(x, 4)[0])
     with m.frozen():  # the plan only reads the parameters: still used
         np.testing.assert_array_equal(m.forward(x, 4)[0], out)
     fresh = other.copy()
     with fresh.frozen():  # read-only parameters: no training plan is made (the unplanned pass)
         np.testing.assert_array_equal(fresh.forward(x, 4)[0], out)
-        assert fresh._train_plan[1] is None
+        assert fresh._train_plans[x.shape, False][1] is None
 
 
 def test_planned_backward_once_per_cache_and_without_the_input_gradient(rng):
@@ -257,3 +257,37 @@ def test_planned_backward_once_per_cache_and_without_the_input_gradient(rng):
         np.testing.assert_array_equal(g3[k], g1[k])
     with pytest.raises(ValueError, match="dout must have the output's shape"):
         m.backward(dout[:, :, :4], m.forward(x, 7)[1])
+
+
+@pytest.mark.parametrize("batch", [16, 9])  # two shares of 8; shares of 4 and 5
+def test_batch_shares_run_their_training_passes_planned_with_the_same_bits(batch, monkeypatch, rng):
+    """Each batch share of a training pass runs its own plan (its kernels run serially anyway); the shares'
+    gradients are summed in share order as before."""
+    x = rng.standard_normal((batch, 1, 8, 8)).astype(np.float32)
+    t = rng.integers(0, 1000, batch)
+    models = []
+    for _ in range(2):
+        m = UNet(**TINY, backend="cpu", rng=0)
+        _randomize(m, np.random.default_rng(3))
+        models.append(m)
+    monkeypatch.delattr(cpu, "plan_forward")
+    want = _train_steps(models[0], x, t, {})
+    monkeypatch.undo()
+    got = _train_steps(models[1], x, t, {})
+    sizes = sorted(k[0][0] for k, v in models[1]._train_plans.items() if k[1] and v[1] is not None)
+    assert sizes == ([8] if batch == 16 else [4, 5])
+    for (y0, g0, dx0), (y1, g1, dx1) in zip(want, got):
+        np.testing.assert_array_equal(y1, y0)
+        np.testing.assert_array_equal(dx1, dx0)
+        for k in g0:
+            np.testing.assert_array_equal(g1[k], g0[k], err_msg=k)
+
+
+def test_no_training_plan_with_a_workspace_over_the_cap(monkeypatch, rng):
+    m = UNet(**TINY, backend="cpu", rng=0)
+    x = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+    monkeypatch.setattr(cpu_plan, "MAX_TRAIN_WORKSPACE", 1 << 10)
+    out, cache = m.forward(x, 3)
+    assert "plan" not in cache and m._train_plans[x.shape, False][1] is None
+    monkeypatch.undo()
+    assert "plan" in UNet(**TINY, backend="cpu", rng=0).forward(x, 3)[1]

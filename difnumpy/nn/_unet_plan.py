@@ -61,20 +61,24 @@ def inference_pass(model, P, x, t, y, eps: float):
     return None if out is None else (out, None)
 
 
-def training_pass(model, P, x, t, y, eps: float):
+def training_pass(model, P, x, t, y, eps: float, share: bool = False):
     """A training forward pass (``keep=True``) through the hook: ``(out, cache)`` with the cache
-    :meth:`UNet._forward_impl` builds (the same arrays, views of the plan's workspace), or None. The plan is
-    kept while the model's parameters are the same arrays (``model._train_plan``); their values may change
-    between the passes (an optimizer's steps): the plan reads them at every pass."""
+    :meth:`UNet._forward_impl` builds (the same arrays, views of the plan's workspace), or None. A plan per
+    input shape and ``share`` (a batch share's pass, whose kernels run serially) is kept while the model's
+    parameters are the same arrays (``model._train_plans``); their values may change between the passes (an
+    optimizer's steps): the plan reads them at every pass."""
     hook = getattr(model._kern, "plan_forward", None)
     if hook is None:
         return None
-    key = (tuple(x.shape), tuple(map(id, P.values())))
-    kept = model._train_plan
-    if kept is None or kept[0] != key:
+    shape, ids = tuple(x.shape), tuple(map(id, P.values()))
+    key = (shape, share)  # (a share's plan runs every kernel serially: not the plan of a whole pass's shape)
+    kept = model._train_plans.get(key)
+    if kept is None or kept[0] != ids:
+        if len(model._train_plans) >= 8:  # (bounded: a run over many batch sizes starts afresh)
+            model._train_plans.clear()
         ops, res_keys = plan_ops(model, P)
-        plan = hook(ops, key[0], model.dtype, model.groups, eps, params=list(P.values()))
-        kept = model._train_plan = (key, plan, ops, res_keys)
+        plan = hook(ops, shape, model.dtype, model.groups, eps, params=list(P.values()))
+        kept = model._train_plans[key] = (ids, plan, ops, res_keys)
     _, plan, ops, res_keys = kept
     if plan is None:
         return None

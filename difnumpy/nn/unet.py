@@ -142,7 +142,7 @@ class UNet:
         # while frozen: [store of derived weights, arrays made read-only, (param ids, checked params) | None,
         #               (checked params, {input shape: (plan, ResBlock keys) | None}) | None]
         self._frozen: list | None = None
-        self._train_plan = None  # ((input shape, parameter ids), plan | None, ops, ResBlock keys): _unet_plan
+        self._train_plans: dict = {}  # (shape, share) -> (parameter ids, plan | None, ops, ResBlock keys): _unet_plan
         self._init_params(rng)
 
     # ---------------------------------------------------------------- construction
@@ -527,9 +527,11 @@ class UNet:
                     cache["params"] = P  # the backward's convs (its filter prefetch)
             else:
                 # data parallel (host backends): each thread runs the whole pass on its images
-                parts = self._kern.run_shares(
-                    lambda k, a, b: self._forward_impl(P, x[a:b], t[a:b], None if y is None else y[a:b], keep),
-                    shares)
+                def share(_, a, b):  # a training share may run as one compiled program, as a small pass does
+                    ys = None if y is None else y[a:b]
+                    r = _plan.training_pass(self, P, x[a:b], t[a:b], ys, GN_EPS, share=True) if keep else None
+                    return r if r is not None else self._forward_impl(P, x[a:b], t[a:b], ys, keep)
+                parts = self._kern.run_shares(share, shares)
                 out = np.concatenate([p[0] for p in parts])
                 cache = {"shares": shares, "parts": [p[1] for p in parts]} if keep else None
         return (self._kern.to_host(out) if given_host else out), cache
@@ -701,9 +703,12 @@ class UNet:
             out_shape = (shares[-1][1], self.in_channels) + parts[0]["out"][1][0].shape[2:]  # (out conv's input)
             if tuple(dout.shape) != out_shape:
                 raise ValueError(f"dout must have the output's shape {out_shape}, got {tuple(dout.shape)}")
+            def share(j, a, b):
+                r = _plan.training_backward(self, dout[a:b], parts[j], return_input_grad) \
+                    if "plan" in parts[j] else None
+                return r if r is not None else self._backward_impl(dout[a:b], parts[j], return_input_grad)
             with self._scope():
-                parts_res = k.run_shares(
-                    lambda j, a, b: self._backward_impl(dout[a:b], parts[j], return_input_grad), shares)
+                parts_res = k.run_shares(share, shares)
             if return_input_grad:
                 parts_res, dxs = [r[0] for r in parts_res], [r[1] for r in parts_res]
             grads = parts_res[0]

@@ -347,13 +347,13 @@ class _Builder:
             c.update(skip=0, Ps=1, sC=0, sF=0, wst=self.empty((0,)), dws_parts=self.empty((0,)),
                      dbs_parts=self.empty64((0,)), dws=self.empty((0,)), dbs=self.empty((0,)), dx_skip=c["dout"])
         c["Ub2f"] = self.flipped_filters(w2, four)
-        c.update(dU2=self.empty((P2, 16, F * F + _WINO_PAD)), dw2=self.empty(w2.shape, w2), db2=self.empty(b2.shape, b2),
-                 dh=self.empty((N, F, H, W)), dh_gn=self.empty((N, F, H, W)), dgp2=self.empty64((N, F)),
+        c.update(dU2=self.empty((P2, 16, F * F + _WINO_PAD)), dw2=self.empty(w2.shape, w2),
+                 db2=self.empty(b2.shape, b2), dh=self.empty((N, F, H, W)), dh_gn=self.empty((N, F, H, W)), dgp2=self.empty64((N, F)),
                  dbp2=self.empty64((N, F)), dgamma2=self.empty(gamma2.shape, gamma2),
                  dbeta2=self.empty(beta2.shape, beta2), dtp=self.empty((N, F)))
         c["Ub1f"] = self.flipped_filters(w1, four)
-        c.update(dU1=self.empty((P1, 16, F * C + _WINO_PAD)), dw1=self.empty(w1.shape, w1), db1=self.empty(b1.shape, b1),
-                 dh1=self.empty((N, C, H, W)), dx=self.empty((N, C, H, W)), dgp1=self.empty64((N, C)),
+        c.update(dU1=self.empty((P1, 16, F * C + _WINO_PAD)), dw1=self.empty(w1.shape, w1),
+                 db1=self.empty(b1.shape, b1), dh1=self.empty((N, C, H, W)), dx=self.empty((N, C, H, W)), dgp1=self.empty64((N, C)),
                  dbp1=self.empty64((N, C)), dgamma1=self.empty(gamma1.shape, gamma1),
                  dbeta1=self.empty(beta1.shape, beta1))
         self.row(_B_RES, *(c[n] for n in _RES_COLS))
