@@ -25,10 +25,11 @@ def _randomize(model, rng):
         model.params[key] = v.astype(p.dtype)
 
 
-def _plan_of(model, shape):
+def _plan_of(model, shape, share=None):
     """The plan the frozen scope keeps for inputs of ``shape`` (None: the pass is not planned)."""
     kept = model._frozen[3]
-    return None if kept is None or tuple(shape) not in kept[1] else kept[1][tuple(shape)][0]
+    key = (tuple(shape), share)
+    return None if kept is None or key not in kept[1] else kept[1][key][0]
 
 
 @pytest.mark.parametrize("cfg,shape,nthreads", [
@@ -68,7 +69,7 @@ def test_plan_only_where_no_kernel_is_split_over_the_threads(rng):
     m = UNet(backend="cpu", rng=0)
     _randomize(m, rng)
     x4 = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)  # its larger convs would take two threads
-    x16 = rng.standard_normal((16, 1, 8, 8)).astype(np.float32)  # two batch shares: never planned
+    x16 = rng.standard_normal((16, 1, 8, 8)).astype(np.float32)  # two batch shares: a plan each
     prev = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     try:
@@ -77,8 +78,10 @@ def test_plan_only_where_no_kernel_is_split_over_the_threads(rng):
             np.testing.assert_array_equal(m(x4, 3), want4)
             np.testing.assert_array_equal(m(x16, 3), want16)
             if numba.get_num_threads() > 1:
-                assert tuple(x4.shape) in m._frozen[3][1] and _plan_of(m, x4.shape) is None
-            assert m._frozen[3] is None or tuple(x16.shape) not in m._frozen[3][1]
+                assert (tuple(x4.shape), None) in m._frozen[3][1] and _plan_of(m, x4.shape) is None
+            plans = [_plan_of(m, (8, 1, 8, 8), j) for j in range(2)]  # each share runs serially: planned
+            assert None not in plans and plans[0] is not plans[1]
+            np.testing.assert_array_equal(m(x16, 4), m.copy()(x16, 4))  # the plans again (the copy: unplanned)
     finally:
         numba.set_num_threads(prev)
 
@@ -291,3 +294,32 @@ def test_no_training_plan_with_a_workspace_over_the_cap(monkeypatch, rng):
     assert "plan" not in cache and m._train_plans[x.shape, False][1] is None
     monkeypatch.undo()
     assert "plan" in UNet(**TINY, backend="cpu", rng=0).forward(x, 3)[1]
+
+
+def test_training_workspaces_are_reused_only_once_nothing_refers_to_them(rng):
+    """A training plan hands a pass a workspace of an earlier one only when that pass's cache, outputs and
+    gradients are all gone: what a caller keeps never changes under it."""
+    from difnumpy.nn.layers import mse_loss
+    m = UNet(**TINY, backend="cpu", rng=0)
+    _randomize(m, rng)
+    x = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+    out1, cache1 = m.forward(x, 3)
+    g1 = m.backward(np.cos(out1), cache1)
+    kept_out, kept_g = out1.copy(), {k: v.copy() for k, v in g1.items()}
+    del cache1
+    plan = m._train_plans[x.shape, False][1]
+    for step in range(4):  # out1 and g1 still refer to the first workspace
+        out, cache = m.forward(x, 10 + step)
+        _, d = mse_loss(out, np.zeros_like(out))
+        m.backward(d, cache)
+    np.testing.assert_array_equal(out1, kept_out)
+    for k in g1:
+        np.testing.assert_array_equal(g1[k], kept_g[k])
+    pooled = len(plan._pool)
+    assert 2 <= pooled <= 3  # the first pass's, and the later passes' reused
+    del out1, g1, out, cache, d
+    for step in range(3):
+        out, cache = m.forward(x, 20 + step)
+        m.backward(np.cos(out), cache)
+        del out, cache
+    assert len(plan._pool) == pooled  # no new workspace once the old ones are free

@@ -39,21 +39,22 @@ def plan_ops(model, P: dict):
     return ops, res_keys
 
 
-def inference_pass(model, P, x, t, y, eps: float):
+def inference_pass(model, P, x, t, y, eps: float, share=None):
     """A frozen model's inference pass through the hook (``eps``: the GroupNorms'): ``(out, None)``, or None
-    where the backend has no plan for it (or the plan is busy). The plan of each input shape is made at its
-    first pass and kept while the scope's parameters stay the same arrays (``model._frozen[3]``)."""
+    where the backend has no plan for it (or the plan is busy). The plan of each input shape (and batch share
+    index ``share``) is made at its first pass and kept while the scope's parameters stay the same arrays
+    (``model._frozen[3]``)."""
     hook = getattr(model._kern, "plan_forward", None)
     if hook is None:
         return None
     kept = model._frozen[3]
     if kept is None or kept[0] is not P:  # (P: the checked parameters, new when an array was replaced)
         kept = model._frozen[3] = (P, {})
-    shape = tuple(x.shape)
-    if shape not in kept[1]:
+    key = (tuple(x.shape), share)  # (the concurrent batch shares each run their own plan)
+    if key not in kept[1]:
         ops, res_keys = plan_ops(model, P)
-        kept[1][shape] = (hook(ops, shape, model.dtype, model.groups, eps), res_keys)
-    plan, res_keys = kept[1][shape]
+        kept[1][key] = (hook(ops, key[0], model.dtype, model.groups, eps), res_keys)
+    plan, res_keys = kept[1][key]
     if plan is None:
         return None
     temb_act = model._time_embedding(P, t, y)[0]

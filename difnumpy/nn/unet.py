@@ -527,9 +527,11 @@ class UNet:
                     cache["params"] = P  # the backward's convs (its filter prefetch)
             else:
                 # data parallel (host backends): each thread runs the whole pass on its images
-                def share(_, a, b):  # a training share may run as one compiled program, as a small pass does
+                def share(j, a, b):  # a share may run as one compiled program, as a small pass does
                     ys = None if y is None else y[a:b]
-                    r = _plan.training_pass(self, P, x[a:b], t[a:b], ys, GN_EPS, share=True) if keep else None
+                    r = _plan.training_pass(self, P, x[a:b], t[a:b], ys, GN_EPS, share=True) if keep else \
+                        _plan.inference_pass(self, P, x[a:b], t[a:b], ys, GN_EPS, share=j) \
+                        if self._frozen is not None else None
                     return r if r is not None else self._forward_impl(P, x[a:b], t[a:b], ys, keep)
                 parts = self._kern.run_shares(share, shares)
                 out = np.concatenate([p[0] for p in parts])

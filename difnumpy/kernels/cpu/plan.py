@@ -21,6 +21,7 @@ split over the threads (:data:`._threads.SPLIT_MIN_FLOPS`) and every ResBlock wo
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import numba
@@ -122,11 +123,14 @@ def _run_plan(prog, ws, offs, params, state, groups, eps, fast):
             _up2_fwd(_b4(ws, offs, r[1], N, C, H, W), _b4(ws, offs, r[6], N, C, 2 * H, 2 * W))
 
 
-#: a training plan's workspace (new at every pass) must be smaller: malloc's pages below it are kept between
-#: the passes (:data:`._malloc.MMAP_THRESHOLD`), a larger block is mapped and faulted in anew. Measured, 2
-#: threads, planned / unplanned step: 8x8 batch 16 (two shares of 8, 21 MB each) 8.0 / 11.3 ms; batch 128
-#: (shares of 64, 51 MB) 36.6 / 33.3 ms; 28x28 batch 16 (shares of 8, 71 MB) 54.1 / 48.4 ms.
+#: a training plan's workspace must be smaller (bytes): it holds every buffer of the pass and its backward at
+#: once, and the plan keeps up to _WORKSPACES of them. Larger plans gained little: 2 threads, planned /
+#: unplanned step, workspaces reused: 8x8 batch 128 (two shares of 64, 51 MB each) 36.2 / 37.0 ms, 28x28
+#: batch 16 (shares of 8, 71 MB) 53.5 / 53.8 ms; while the smaller ones: 8x8 batch 16 (shares of 8, 21 MB)
+#: 8.0 / 11.3 ms, batch 1 (18 MB) 3.5 / 4.3 ms. (A new workspace at every pass, above malloc's 32 MiB mmap
+#: threshold, made those two larger plans slower: 36.6 / 33.3 and 54.1 / 48.4 ms, its pages faulted in anew.)
 MAX_TRAIN_WORKSPACE = 32 << 20
+_WORKSPACES = 4  # a training plan keeps at most this many workspaces (a step's and the next one's, two shares)
 
 _NO_PARAMS = {}  # dtype -> an empty typed List (an inference plan's ``params``)
 _NO_STATE = np.zeros(0, np.int64)  # (an inference plan has no transforms to make)
@@ -174,6 +178,7 @@ class Plan:
         self.slot_buf: dict[int, int] = {}  # slot -> buffer index
         self.tps: list[tuple[int, tuple]] = []  # (buffer index, shape) per ResBlock, in op order
         self._lock = threading.Lock()
+        self._pool: list = []  # a training plan's workspaces (_free_workspace)
         self.x_shape = tuple(int(s) for s in x_shape)
         self.shapes[0] = self.x_shape
         self.slot_buf[0] = self._empty(self.x_shape)
@@ -402,7 +407,7 @@ class Plan:
         ``views[i]`` the arrays op i wrote: its output first; a ResBlock's then ``h0, mean1, rstd1, h1, h2,
         mean2, rstd2`` (as ``resblock_forward(..., keep=True)``), a GroupNorm+SiLU's ``mean, rstd``."""
         if self.train:
-            ws = np.empty(self.size, self.dtype)  # (its buffers are all derived or written at every call)
+            ws = self._free_workspace()
             xv, tpv, out, views = self._views(ws, True)
             xv[...] = x
             for view, tp in zip(tpv, tps):
@@ -425,6 +430,21 @@ class Plan:
         finally:
             self._lock.release()
 
+
+    def _free_workspace(self):
+        """A workspace for a training pass: one of an earlier pass that nothing refers to any more (its cache,
+        outputs and gradients all gone: only this plan's list holds it), else a new one (kept, up to
+        :data:`_WORKSPACES`). Reusing them spares a step malloc's work and, above its mmap threshold, the
+        page faults of a new mapping (tens of MB a step at 28x28). Its buffers are all written before they
+        are read at every call."""
+        with self._lock:
+            for ws in self._pool:
+                if sys.getrefcount(ws) <= 3:  # the list, the loop variable, getrefcount's argument
+                    return ws
+            ws = np.empty(self.size, self.dtype)
+            if len(self._pool) < _WORKSPACES:
+                self._pool.append(ws)
+            return ws
 
     def backward(self, ws, dout, input_grad: bool):
         """A training plan's backward pass over the workspace ``ws`` of its forward call: ``(grads, dtps, dx)``,
@@ -467,8 +487,8 @@ def plan_forward(ops, x_shape, dtype, groups: int, eps: float, params=None):
     form): the unplanned pass is then the faster (or only) one.
     """
     dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64) or (params is None and _threads._in_share()):
-        return None  # (an inference plan has one workspace: not for the concurrent shares)
+    if dtype not in (np.float32, np.float64):
+        return None
     if params is not None:
         params = list(params)
         if not all(isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
