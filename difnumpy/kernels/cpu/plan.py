@@ -32,13 +32,13 @@ from numba.typed import List
 from difnumpy.kernels.cpu import _threads
 from difnumpy.kernels.cpu import conv as _conv
 from difnumpy.kernels.cpu import plan_backward
+from difnumpy.kernels.cpu import winograd as _wino
+from difnumpy.kernels.cpu._plan_util import (_ALIGN, _COLS, _DONE, _PWINO, _TAKEN, _b, _b2, _b4, _load_acquire,
+                                             _make_transforms, _planes, _transform)
 from difnumpy.kernels.cpu.conv import _chunk, _conv_fwd_kernel, _conv_pix_fwd_kernel, _pix_weights, _xp_len
 from difnumpy.kernels.cpu.groupnorm import _gn_fwd_kernel, _gn_threads, _repeated
 from difnumpy.kernels.cpu.layout import _copy_channels, _up2_fwd
 from difnumpy.kernels.cpu.resblock import _fused, _resblock_fwd_kernel
-from difnumpy.kernels.cpu import winograd as _wino
-from difnumpy.kernels.cpu._plan_util import (_ALIGN, _COLS, _DONE, _PWINO, _TAKEN, _b, _b2, _b4, _load_acquire,
-                                             _make_transforms, _planes, _transform)
 from difnumpy.kernels.cpu.winograd import _WINO_PAD, _wino_conv, _wino_plan
 
 # op codes (column 0 of a program row); the columns of each are written by Plan's builders below
@@ -158,8 +158,8 @@ class Plan:
     not re-entrant: a call that finds it busy (another thread's pass) returns None, and the caller runs the
     unplanned pass. A training plan (``params``: the parameter arrays, writeable, C-contiguous) derives what
     its ops take from them at every call (they change between the steps) and also returns what each op
-    wrote (``(out, views)``, ``views[i]`` the arrays of op i: see :meth:`__call__`), in a new workspace per
-    call, so that the backward pass can read them.
+    wrote and the call's workspace (``(out, views, ws)``, ``views[i]`` the arrays of op i: see
+    :meth:`__call__`), one no earlier caller refers to any more, so that :meth:`backward` can read them.
     """
 
     def __init__(self, x_shape, dtype, groups: int, eps: float, params=None):
@@ -403,9 +403,10 @@ class Plan:
                 view(self.slot_buf[self.out_slot], self.shapes[self.out_slot]), ops)
 
     def __call__(self, x, tps):
-        """Run the pass: ``out`` (inference plan; None if busy), or ``(out, views)`` (training plan) with
+        """Run the pass: ``out`` (inference plan; None if busy), or ``(out, views, ws)`` (training plan) with
         ``views[i]`` the arrays op i wrote: its output first; a ResBlock's then ``h0, mean1, rstd1, h1, h2,
-        mean2, rstd2`` (as ``resblock_forward(..., keep=True)``), a GroupNorm+SiLU's ``mean, rstd``."""
+        mean2, rstd2`` (as ``resblock_forward(..., keep=True)``), a GroupNorm+SiLU's ``mean, rstd``; ``ws``
+        the workspace they are views of (for :meth:`backward`)."""
         if self.train:
             ws = self._free_workspace()
             xv, tpv, out, views = self._views(ws, True)
