@@ -140,7 +140,7 @@ class UNet:
                              f"{sorted(set(self._norm_channels))}; it does not divide {bad}")
         self.params: dict[str, np.ndarray] = {}
         # while frozen: [store of derived weights, arrays made read-only, (param ids, checked params) | None,
-        #               (checked params, {input shape: (plan, ResBlock keys) | None}) | None]
+        #               (checked params, {(input shape, share index): (plan | None, ResBlock keys)}) | None]
         self._frozen: list | None = None
         self._train_plans: dict = {}  # (shape, share) -> (parameter ids, plan | None, ops, ResBlock keys): _unet_plan
         self._init_params(rng)
@@ -620,7 +620,8 @@ class UNet:
         a ResBlock cache is ``(gn_silu1, conv1, temb_linear, gn_silu2, conv2, skip_conv | None)``.
         Each entry is the cache of the corresponding :mod:`difnumpy.nn.layers` function; a pass not split into
         batch shares also keeps ``"params"``, the pass's parameter arrays (to start the backward's filter
-        transforms early, :meth:`_prefetch_filters`).
+        transforms early, :meth:`_prefetch_filters`), and a pass the backend ran as one compiled program
+        ``"plan"``, what the backward's program needs (the arrays above are then views of its workspace).
         """
         return self._forward(x, t, keep=True, class_labels=class_labels)
 
