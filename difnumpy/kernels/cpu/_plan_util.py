@@ -8,10 +8,10 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from difnumpy.kernels.cpu._threads import _BUSY, _DONE, _TAKEN, _TODO  # (a transform's state: as prefetch()'s)
 from difnumpy.kernels.cpu.winograd import _wino4_weights, _wino_weights
 
 _PWINO = 10  # the op code of a transform row: [op, param, F, C, four, buffer, state index, second buffer, flip]
-_TODO, _BUSY, _DONE, _TAKEN = 0, 1, 2, 3  # a transform's state (as _threads' prefetch entries)
 _COLS = 72  # columns of a program row (a ResBlock's backward takes the most)
 _ALIGN = 16  # buffers start at multiples of 16 elements (64 bytes in float32)
 
@@ -46,9 +46,26 @@ def _transform(ws, offs, params, r):
     F, C = r[2], r[3]
     w = params[r[1]].reshape((F, C, 3, 3))
     if r[4] != 0:
-        _wino4_weights(w, r[8] != 0, _planes(ws, offs, r[5], 36))
+        _wino4_weights(w, r[8] != 0, _planes(ws, offs, r[5], True))
     else:
-        _wino_weights(w, r[8] != 0, _planes(ws, offs, r[5], 16))
+        _wino_weights(w, r[8] != 0, _planes(ws, offs, r[5], False))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _take_transform(ws, offs, params, state, r):
+    """A program's _PWINO row: the worker's transform where it is made, else made here into the row's second
+    buffer (``r[7]``, which ``offs`` then names for ``r[5]``: the worker may still be writing the first)."""
+    if _load_acquire(state, r[6]) != _DONE:
+        state[r[6]] = _TAKEN
+        offs[r[5], 0], offs[r[5], 1] = offs[r[7], 0], offs[r[7], 1]
+        _transform(ws, offs, params, r)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _copy_param(src, dst):
+    """A parameter, flat, into its buffer (a training program reads the weights at every pass)."""
+    for j in range(src.size):
+        dst[j] = src[j]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -85,8 +102,9 @@ def _b4(ws, offs, i, a, b, c, d):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _planes(ws, offs, i, q):
-    """A Winograd transform's buffer as (q, C*F + pad): q = 16 (F(2x2)) or 36 (F(4x4)) planes."""
+def _planes(ws, offs, i, four):
+    """A Winograd transform's buffer as (q, C*F + pad): q = 36 planes for F(4x4) (``four``), 16 for F(2x2)."""
+    q = 36 if four else 16
     return ws[offs[i, 0]:offs[i, 1]].reshape((q, (offs[i, 1] - offs[i, 0]) // q))
 
 

@@ -33,8 +33,8 @@ from difnumpy.kernels.cpu import _threads
 from difnumpy.kernels.cpu import conv as _conv
 from difnumpy.kernels.cpu import plan_backward
 from difnumpy.kernels.cpu import winograd as _wino
-from difnumpy.kernels.cpu._plan_util import (_ALIGN, _COLS, _DONE, _PWINO, _TAKEN, _b, _b2, _b4, _load_acquire,
-                                             _make_transforms, _planes, _transform)
+from difnumpy.kernels.cpu._plan_util import (_ALIGN, _COLS, _PWINO, _b, _b2, _b4, _copy_param, _make_transforms,
+                                             _planes, _take_transform)
 from difnumpy.kernels.cpu.conv import _chunk, _conv_fwd_kernel, _conv_pix_fwd_kernel, _pix_weights, _xp_len
 from difnumpy.kernels.cpu.groupnorm import _gn_fwd_kernel, _gn_threads, _repeated
 from difnumpy.kernels.cpu.layout import _copy_channels, _up2_fwd
@@ -57,10 +57,7 @@ def _run_plan(prog, ws, offs, params, state, groups, eps, fast):
         r = prog[i]
         op = r[0]
         if op == _PCOPY:  # a parameter as it is (a bias, a weight reshaped)
-            src = params[r[1]]
-            dst = _b(ws, offs, r[2])
-            for j in range(src.size):
-                dst[j] = src[j]
+            _copy_param(params[r[1]], _b(ws, offs, r[2]))
         elif op == _PREP:  # groupnorm._repeated: each entry repeated H*W times
             src = params[r[1]]
             HW = r[2]
@@ -69,10 +66,7 @@ def _run_plan(prog, ws, offs, params, state, groups, eps, fast):
                 for j in range(HW):
                     dst[c * HW + j] = src[c]
         elif op == _PWINO:
-            if _load_acquire(state, r[6]) != _DONE:  # not made by the worker (or still being made): here
-                state[r[6]] = _TAKEN
-                offs[r[5], 0], offs[r[5], 1] = offs[r[7], 0], offs[r[7], 1]
-                _transform(ws, offs, params, r)
+            _take_transform(ws, offs, params, state, r)
         elif op == _PPIX:  # conv._pix_weights: (F, C, KH, KW) -> (KH*KW*C, F), rows in (kh, kw, c) order
             F, C, KH, KW = r[2], r[3], r[4], r[5]
             w = params[r[1]].reshape((F, C, KH, KW))
@@ -86,19 +80,20 @@ def _run_plan(prog, ws, offs, params, state, groups, eps, fast):
             N, C, H, W, F, G = r[2], r[3], r[4], r[5], r[6], groups
             skip = r[19] != 0
             sw = _b2(ws, offs, r[17], F, C) if skip else _b2(ws, offs, r[17], 0, 0)
+            four = r[20] != 0
             _resblock_fwd_kernel(_b4(ws, offs, r[1], N, C, H, W), _b(ws, offs, r[7]), _b(ws, offs, r[8]),
-                                 _planes(ws, offs, r[9], r[21]), _b(ws, offs, r[10]), _b2(ws, offs, r[11], N, F),
-                                 _b(ws, offs, r[12]), _b(ws, offs, r[13]), _planes(ws, offs, r[15], r[22]),
-                                 _b(ws, offs, r[16]), sw, _b(ws, offs, r[18]), skip, groups, eps, fast, r[20] != 0,
-                                 r[23], r[24], r[25], r[26], r[27], r[28],
-                                 _b4(ws, offs, r[29], N, C, H, W), _b2(ws, offs, r[30], N, G),
-                                 _b2(ws, offs, r[31], N, G), _b4(ws, offs, r[32], N, F, H, W),
-                                 _b4(ws, offs, r[33], N, F, H, W), _b2(ws, offs, r[34], N, G),
-                                 _b2(ws, offs, r[35], N, G), _b4(ws, offs, r[14], N, F, H, W))
+                                 _planes(ws, offs, r[9], four), _b(ws, offs, r[10]), _b2(ws, offs, r[11], N, F),
+                                 _b(ws, offs, r[12]), _b(ws, offs, r[13]), _planes(ws, offs, r[15], four),
+                                 _b(ws, offs, r[16]), sw, _b(ws, offs, r[18]), skip, groups, eps, fast, four,
+                                 r[21], r[22], r[23], r[24], r[25], r[26],
+                                 _b4(ws, offs, r[27], N, C, H, W), _b2(ws, offs, r[28], N, G),
+                                 _b2(ws, offs, r[29], N, G), _b4(ws, offs, r[30], N, F, H, W),
+                                 _b4(ws, offs, r[31], N, F, H, W), _b2(ws, offs, r[32], N, G),
+                                 _b2(ws, offs, r[33], N, G), _b4(ws, offs, r[14], N, F, H, W))
         elif op == _WINO:
             N, C, H, W, F = r[2], r[3], r[4], r[5], r[6]
-            _wino_conv(_b4(ws, offs, r[1], N, C, H, W), _planes(ws, offs, r[7], r[14]), F, _b(ws, offs, r[8]),
-                       r[9] != 0, r[10], r[11], r[12], r[13], _b4(ws, offs, r[15], N, F, H, W), 0, 1)
+            _wino_conv(_b4(ws, offs, r[1], N, C, H, W), _planes(ws, offs, r[7], r[9] != 0), F, _b(ws, offs, r[8]),
+                       r[9] != 0, r[10], r[11], r[12], r[13], _b4(ws, offs, r[14], N, F, H, W), 0, 1)
         elif op == _CONV:  # im2col, wide rows (mode 0)
             N, C, H, W, F, Ho, Wo = r[2], r[3], r[4], r[5], r[6], r[15], r[16]
             _conv_fwd_kernel(_b4(ws, offs, r[1], N, C, H, W), _b2(ws, offs, r[7], F, r[17]), _b(ws, offs, r[8]),
@@ -148,6 +143,14 @@ def _param_list(params, dtype):
     return lst
 
 
+def _program(rows):
+    """Rows of ints as a program: (rows, _COLS) int64, zero-padded."""
+    prog = np.zeros((len(rows), _COLS), np.int64)
+    for i, r in enumerate(rows):
+        prog[i, :len(r)] = r
+    return prog
+
+
 class Plan:
     """A U-Net pass over ``x_shape`` as one compiled call (see the module docstring).
 
@@ -194,15 +197,12 @@ class Plan:
         self.pieces.append(math.prod(shape))
         return len(self.pieces) - 1
 
-    def _pre(self, *vals):
-        self.pre_rows.append([int(v) for v in vals] + [0] * (_COLS - len(vals)))
-
     def _wcopy(self, a) -> int:
         """A buffer holding the parameter ``a`` flat (a training plan copies it at every call)."""
         if not self.train:
             return self._buf(a)
         i = self._empty(a.shape)
-        self._pre(_PCOPY, self.pindex[id(a)], i)
+        self._row(_PCOPY, self.pindex[id(a)], i, pre=True)
         return i
 
     def _wrepeat(self, gamma, beta, HW):
@@ -213,7 +213,7 @@ class Plan:
         out = []
         for a in (gamma, beta):
             out.append(self._empty((a.size * HW,)))
-            self._pre(_PREP, self.pindex[id(a)], HW, out[-1])
+            self._row(_PREP, self.pindex[id(a)], HW, out[-1], pre=True)
         return tuple(out)
 
     def _wpix(self, w) -> int:
@@ -222,7 +222,7 @@ class Plan:
             return self._buf(_pix_weights(w))
         F, C, KH, KW = w.shape
         i = self._empty((KH * KW * C, F))
-        self._pre(_PPIX, self.pindex[id(w)], F, C, KH, KW, i)
+        self._row(_PPIX, self.pindex[id(w)], F, C, KH, KW, i, pre=True)
         return i
 
     def _filters(self, w, four) -> int:
@@ -248,9 +248,9 @@ class Plan:
         self.views.append(((b, self.shapes[slot]),) + more)
         return b
 
-    def _row(self, *vals):
-        row = [int(v) for v in vals]
-        self.rows.append(row + [0] * (_COLS - len(row)))
+    def _row(self, *vals, pre=False):
+        """A program row (``pre``: among a training plan's first rows, which copy from the parameters)."""
+        (self.pre_rows if pre else self.rows).append([int(v) for v in vals])
 
     # ---- the ops (each mirrors the unplanned call's argument preparation) ----
 
@@ -271,7 +271,7 @@ class Plan:
             U = self._filters(w, four)
             bb = self._wcopy(b)
             ob = self._out(dst, (N, F, H, W))
-            self._row(_WINO, xb, N, C, H, W, F, U, bb, four, th, tw, G, nb, 36 if four else 16, ob)
+            self._row(_WINO, xb, N, C, H, W, F, U, bb, four, th, tw, G, nb, ob)
             return True
         if mode == 0:  # as conv._conv_forward_impl's last branch
             Wr = W + padding
@@ -316,8 +316,7 @@ class Plan:
         ids += [out, self._filters(w2, four), self._wcopy(b2),
                 self._wcopy(skip_w) if skip else self._buf(np.zeros(0, dt)),  # (F, C): skip_w's own layout
                 self._wcopy(skip_b) if skip else self._buf(np.zeros(0, dt))]
-        q = 36 if four else 16
-        self._row(_RES, self.slot_buf[src], N, C, H, W, F, *ids, skip, four, q, q, th, tw, G1, nb1, G2, nb2, *acts)
+        self._row(_RES, self.slot_buf[src], N, C, H, W, F, *ids, skip, four, th, tw, G1, nb1, G2, nb2, *acts)
         self.info.append(("res", dict(src=src, dst=dst, gamma1=gamma1, beta1=beta1, w1=w1, b1=b1, gamma2=gamma2,
                                       beta2=beta2, w2=w2, b2=b2, skip_w=skip_w, skip_b=skip_b, ge1=ids[0],
                                       be1=ids[1], ge2=ids[5], be2=ids[6], acts=acts)))
@@ -364,13 +363,12 @@ class Plan:
         return offs, int(starts[-1])
 
     def finish(self) -> "Plan":
-        rows = self.pre_rows + self.rows
-        self.prog = np.array(rows, dtype=np.int64).reshape(len(rows), _COLS)
+        self.prog = _program(self.pre_rows + self.rows)
         if self.train:  # the backward program's buffers go into the same workspace (after the forward's)
             self.brows, self.grad_bufs, self.dtps, self.dx_buf, self.pieces64 = [], {}, [], None, []
             self.bprog = None
             if plan_backward.build(self):
-                self.bprog = np.array([r + [0] * (_COLS - len(r)) for r in self.brows], np.int64)
+                self.bprog = _program(self.brows)
                 self.offs64, self.size64 = self._layout(self.pieces64)
         sizes = [p if isinstance(p, int) else math.prod(p[2]) if isinstance(p, tuple) else p.size
                  for p in self.pieces]

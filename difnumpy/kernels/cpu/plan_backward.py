@@ -11,11 +11,9 @@ does not change it). What stays in Python: the ResBlocks' time-embedding project
 from __future__ import annotations
 
 import numba
-import numpy as np
 
 from difnumpy.kernels.cpu import _threads
-from difnumpy.kernels.cpu._plan_util import (_DONE, _PWINO, _TAKEN, _b, _b2, _b3, _b4, _load_acquire, _planes,
-                                             _transform)
+from difnumpy.kernels.cpu._plan_util import _PWINO, _b, _b2, _b3, _b4, _copy_param, _planes, _take_transform
 from difnumpy.kernels.cpu.conv import (_chunk, _conv_bwd_weight_kernel, _conv_fwd_kernel, _conv_mode,
                                        _conv_pix_bwd_input_kernel, _conv_pix_bwd_weight_kernel, _xp_len)
 from difnumpy.kernels.cpu.elementwise import _add_kernel, _bias_grad, _sum_rows
@@ -48,14 +46,13 @@ def _res_backward(r, ws, offs, w64, offs64, groups, fast):
     N, C, H, W, F = r[_R_N], r[_R_C], r[_R_H], r[_R_W], r[_R_F]
     P2, P1, Ps, sC, sF, G = r[_R_P2], r[_R_P1], r[_R_PS], r[_R_SC], r[_R_SF], groups
     four = r[_R_FOUR] != 0
-    q = 36 if four else 16
     x = _b4(ws, offs, r[_R_X], N, C, H, W)
     dh_gn = _b4(ws, offs, r[_R_DH_GN], N, F, H, W)
     dx_skip = _b4(ws, offs, r[_R_DX_SKIP], N, C, H, W)
     _res_bwd_a(_b4(ws, offs, r[_R_DOUT], N, F, H, W), x, _b4(ws, offs, r[_R_H1], N, F, H, W),
                _b4(ws, offs, r[_R_H2], N, F, H, W), _b(ws, offs, r[_R_GAM2]), _b(ws, offs, r[_R_GE2]),
                _b(ws, offs, r[_R_BE2]), _b2(ws, offs, r[_R_M2], N, G), _b2(ws, offs, r[_R_R2], N, G),
-               _planes(ws, offs, r[_R_UB2F], q), _b(ws, offs, r[_R_ZF]), four, r[_R_FTH], r[_R_FTW], r[_R_GI2],
+               _planes(ws, offs, r[_R_UB2F], four), _b(ws, offs, r[_R_ZF]), four, r[_R_FTH], r[_R_FTW], r[_R_GI2],
                r[_R_NBI2], r[_R_TH], r[_R_TW], r[_R_GW2], _b3(ws, offs, r[_R_DU2], P2, 16, F * F + _WINO_PAD),
                _b4(ws, offs, r[_R_DW2], F, F, 3, 3), _b(ws, offs, r[_R_DB2]), r[_R_SKIP] != 0,
                _b2(ws, offs, r[_R_WST], sC, sF), _b(ws, offs, r[_R_ZC]), _b3(ws, offs, r[_R_DWS_PARTS], Ps, sF, sC),
@@ -63,7 +60,7 @@ def _res_backward(r, ws, offs, w64, offs64, groups, fast):
                _b(ws, offs, r[_R_DBS]), groups, fast, dx_skip, _b4(ws, offs, r[_R_DH], N, F, H, W), dh_gn,
                _b2(w64, offs64, r[_R_DGP2], N, F), _b2(w64, offs64, r[_R_DBP2], N, F), _b(ws, offs, r[_R_DGAMMA2]),
                _b(ws, offs, r[_R_DBETA2]), _b2(ws, offs, r[_R_DTP], N, F))
-    _res_bwd_b(dh_gn, _b4(ws, offs, r[_R_H0], N, C, H, W), x, _planes(ws, offs, r[_R_UB1F], q),
+    _res_bwd_b(dh_gn, _b4(ws, offs, r[_R_H0], N, C, H, W), x, _planes(ws, offs, r[_R_UB1F], four),
                _b(ws, offs, r[_R_ZC]), four, r[_R_FTH], r[_R_FTW], r[_R_GI1], r[_R_NBI1], r[_R_TH], r[_R_TW],
                r[_R_GW1], _b3(ws, offs, r[_R_DU1], P1, 16, F * C + _WINO_PAD), _b4(ws, offs, r[_R_DW1], F, C, 3, 3),
                _b(ws, offs, r[_R_DB1]), _b(ws, offs, r[_R_GAM1]), _b(ws, offs, r[_R_GE1]), _b(ws, offs, r[_R_BE1]),
@@ -85,10 +82,7 @@ def _run_backward(prog, ws, offs, w64, offs64, params, state, groups, fast, inpu
         elif op == _ZERO64:
             _b(w64, offs64, r[1])[:] = 0
         elif op == _PCOPY:
-            src = params[r[1]]
-            dst = _b(ws, offs, r[2])
-            for j in range(src.size):
-                dst[j] = src[j]
+            _copy_param(params[r[1]], _b(ws, offs, r[2]))
         elif op == _PFLIP:  # conv._flipped: (F, C, KH, KW) -> (C, F, KH, KW), the kernel rotated 180 degrees
             F, C, KH, KW = r[2], r[3], r[4], r[5]
             w = params[r[1]].reshape((F, C, KH, KW))
@@ -115,18 +109,15 @@ def _run_backward(prog, ws, offs, w64, offs64, params, state, groups, fast, inpu
                 for f in range(F):
                     d[c, f] = w[f, c]
         elif op == _PWINO:
-            if _load_acquire(state, r[6]) != _DONE:  # not made by the worker (or still being made): here
-                state[r[6]] = _TAKEN
-                offs[r[5], 0], offs[r[5], 1] = offs[r[7], 0], offs[r[7], 1]
-                _transform(ws, offs, params, r)
+            _take_transform(ws, offs, params, state, r)
         elif op == _B_RES:
             _res_backward(r, ws, offs, w64, offs64, groups, fast)
         elif r[1] != 0 and not input_grad:
             continue  # the input's gradient, not asked for
         elif op == _B_WINO_IN:  # winograd._wino_forward(dout, w, zeros(C), flip=True)
-            N, F, H, W, C, q = r[2], r[3], r[4], r[5], r[6], r[7]
-            _wino_conv(_b4(ws, offs, r[8], N, F, H, W), _planes(ws, offs, r[9], q), C, _b(ws, offs, r[10]),
-                       r[11] != 0, r[12], r[13], r[14], r[15], _b4(ws, offs, r[16], N, C, H, W), 0, 1)
+            N, F, H, W, C = r[2], r[3], r[4], r[5], r[6]
+            _wino_conv(_b4(ws, offs, r[7], N, F, H, W), _planes(ws, offs, r[8], r[10] != 0), C, _b(ws, offs, r[9]),
+                       r[10] != 0, r[11], r[12], r[13], r[14], _b4(ws, offs, r[15], N, C, H, W), 0, 1)
         elif op == _B_CONV_IN:  # conv._conv_forward_impl(dout, _flipped(w), zeros(C), 1, pad), wide rows
             N, F, H, W, C, K = r[2], r[3], r[4], r[5], r[6], r[7]
             _conv_fwd_kernel(_b4(ws, offs, r[8], N, F, H, W), _b2(ws, offs, r[9], C, K), _b(ws, offs, r[10]), 0,
@@ -238,7 +229,7 @@ class _Builder:
         p.ntransforms += 1
         return i
 
-    def give(self, slot, buf, size):
+    def give(self, slot, buf):
         """``buf`` is (a term of) the gradient of ``slot``."""
         if slot in self.grad:
             self.row(_B_ADD, 0, self.grad[slot], buf)
@@ -264,9 +255,8 @@ class _Builder:
             if not _one_thread((N + G - 1) // G * nb, 32.0 * N * ((H + 1) // 2) * ((W + 1) // 2) * F * C):
                 return False
             U = self.flipped_filters(w, four)
-            self.row(_B_WINO_IN, first, N, F, H, W, C, 36 if four else 16, d, U, self.zero(C), four, th, tw, G, nb,
-                     dx)
-        elif imode == 0 and stride == 1:
+            self.row(_B_WINO_IN, first, N, F, H, W, C, d, U, self.zero(C), four, th, tw, G, nb, dx)
+        elif imode == 0:  # (stride 1)
             Wr = W + padding
             K = F * KH * KW
             G = _chunk(Ho * Wr, N, K, isz)
@@ -295,7 +285,7 @@ class _Builder:
             if not _one_thread(P, 32.0 * N * th * tw * C * F):
                 return False
             self.row(_B_WINO_W, 0, N, F, H, W, C, P, d, x, th, tw, self.empty((P, 16, F * C + _WINO_PAD)), G, dw, db)
-        elif wmode == 0 and stride == 1:
+        elif wmode == 0:  # (stride 1)
             Wr = W + padding
             K = C * KH * KW
             G = _chunk(Ho * Wr, N, K, isz)
@@ -314,7 +304,7 @@ class _Builder:
         else:
             return False
         if src != 0:
-            self.give(src, dx, N * C * H * W)
+            self.give(src, dx)
         else:
             self.p.dx_buf = dx
         return True
@@ -348,17 +338,19 @@ class _Builder:
                      dbs_parts=self.empty64((0,)), dws=self.empty((0,)), dbs=self.empty((0,)), dx_skip=c["dout"])
         c["Ub2f"] = self.flipped_filters(w2, four)
         c.update(dU2=self.empty((P2, 16, F * F + _WINO_PAD)), dw2=self.empty(w2.shape, w2),
-                 db2=self.empty(b2.shape, b2), dh=self.empty((N, F, H, W)), dh_gn=self.empty((N, F, H, W)), dgp2=self.empty64((N, F)),
+                 db2=self.empty(b2.shape, b2), dh=self.empty((N, F, H, W)), dh_gn=self.empty((N, F, H, W)),
+                 dgp2=self.empty64((N, F)),
                  dbp2=self.empty64((N, F)), dgamma2=self.empty(gamma2.shape, gamma2),
                  dbeta2=self.empty(beta2.shape, beta2), dtp=self.empty((N, F)))
         c["Ub1f"] = self.flipped_filters(w1, four)
         c.update(dU1=self.empty((P1, 16, F * C + _WINO_PAD)), dw1=self.empty(w1.shape, w1),
-                 db1=self.empty(b1.shape, b1), dh1=self.empty((N, C, H, W)), dx=self.empty((N, C, H, W)), dgp1=self.empty64((N, C)),
+                 db1=self.empty(b1.shape, b1), dh1=self.empty((N, C, H, W)), dx=self.empty((N, C, H, W)),
+                 dgp1=self.empty64((N, C)),
                  dbp1=self.empty64((N, C)), dgamma1=self.empty(gamma1.shape, gamma1),
                  dbeta1=self.empty(beta1.shape, beta1))
         self.row(_B_RES, *(c[n] for n in _RES_COLS))
         p.dtps.append((c["dtp"], (N, F)))
-        self.give(src, c["dx"], N * C * H * W)
+        self.give(src, c["dx"])
         return True
 
     def gn_silu(self, src, dst, gamma, beta, ge, be, stats) -> bool:
@@ -370,7 +362,7 @@ class _Builder:
         self.row(_B_GN, 0, N, C, H, W, self.grad[dst], p.slot_buf[src], self.copy(gamma), ge, be, stats[0], stats[1],
                  dx, self.empty64((N, C)), self.empty64((N, C)), self.empty(gamma.shape, gamma),
                  self.empty(beta.shape, beta))
-        self.give(src, dx, N * C * H * W)
+        self.give(src, dx)
         return True
 
     def concat(self, dst, a, b) -> bool:
@@ -379,15 +371,15 @@ class _Builder:
         Cb = p.shapes[b][1]
         da, db = self.empty((N, Ca, H, W)), self.empty((N, Cb, H, W))
         self.row(_B_SPLIT, 0, N, Ca, Cb, H, W, self.grad[dst], da, db)
-        self.give(a, da, N * Ca * H * W)
-        self.give(b, db, N * Cb * H * W)
+        self.give(a, da)
+        self.give(b, db)
         return True
 
     def upsample(self, src, dst) -> bool:
         N, C, H, W = self.p.shapes[src]
         dx = self.empty((N, C, H, W))
         self.row(_B_UP2, 0, N, C, H, W, self.grad[dst], dx)
-        self.give(src, dx, N * C * H * W)
+        self.give(src, dx)
         return True
 
 
