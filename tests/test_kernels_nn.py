@@ -22,6 +22,8 @@ CONV_CASES = [
     (1, 2, 5, 6, 3, 1, 2, 1),
     (2, 2, 6, 6, 3, 5, 1, 2),
     (40, 2, 2, 2, 3, 3, 1, 1),   # many images per chunk, a partial last chunk
+    (300, 3, 4, 4, 5, 1, 1, 0),  # 1x1 weight gradient: parts of several multi-image chunks, partial last ones
+    (3, 2, 20, 30, 3, 1, 1, 0),  # 1x1 weight gradient: one image per chunk (HW > its 512 columns)
 ]
 
 

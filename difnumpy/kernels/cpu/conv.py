@@ -149,30 +149,68 @@ def _conv1x1_fwd_kernel(x, w2, b, out, t, nthreads):
                 o[f, l] += bf
 
 
-@numba.njit(cache=True, nogil=True)
+#: columns (images x pixels) per GEMM of the 1x1 weight gradient (see :func:`_conv1x1_bwd_weight_kernel`)
+_1X1_COLS = 512
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _conv1x1_bwd_weight_kernel(dout, x, dw_parts, db_parts, t, nthreads):
-    """Part p of P: dw_parts[p] (F, C) = sum over its images n (in order) of dout[n] (F, HW) @ x[n]^T (HW, C);
-    db_parts[p, f] = sum of dout[n, f] over them. Thread ``t`` computes parts t, t + nt, ...
+    """Part p of P: dw_parts[p] (F, C) = sum over its chunks (in order) of (x_chunk (C, G*HW) @ dout_chunk^T
+    (G*HW, F))^T, a chunk = G consecutive images of the part (G = :data:`_1X1_COLS` // HW, at least 1);
+    db_parts[p, f] = sum of dout[n, f] over its images (float64). Thread ``t`` computes parts t, t + nt, ...
+
+    Why this form: both GEMM operands row-major ("NN"); ``dout (F, K) @ x^T`` with x's K contiguous ("NT")
+    ran at 2/3 of the rate in OpenBLAS (F = 32, C = 96, K = 4096: 470 vs 285 us). dout, the smaller side in
+    the U-Net (F <= C), is the one transposed while it is gathered; x's rows are copied as they are (one
+    image: not copied). Several images per GEMM: at 4x4 one image gives K = 16. The whole weight gradient,
+    1 thread, before / after: 96 -> 32 at 28x28, 8 images 730 / 564 us; 32 -> 64 at 4x4, 64 images 148 / 108 us;
+    128 -> 64 at 4x4 439 / 349 us; at 8x8 and 14x14 the same (530 / 532, 406 / 412 us).
     """
     N, C = x.shape[0], x.shape[1]
     F = dout.shape[1]
     L = x.shape[2] * x.shape[3]
     P = dw_parts.shape[0]
-    tmp = np.empty((F, C), x.dtype)
+    G = max(1, min(N, _1X1_COLS // max(L, 1)))
+    tmp = np.empty((C, F), x.dtype)
+    dbuf = np.empty(G * L * F, x.dtype)
+    xbuf = np.empty(C * G * L if G > 1 else 0, x.dtype)
     for p in range(t, P, nthreads):
         acc = dw_parts[p]
         n0 = p * N // P
-        for n in range(n0, (p + 1) * N // P):
-            d = dout[n].reshape(F, L)
-            if n == n0:
-                np.dot(d, x[n].reshape(C, L).T, acc)
+        n1 = (p + 1) * N // P
+        for c0 in range(n0, n1, G):
+            g = min(G, n1 - c0)
+            K = g * L
+            dT = dbuf[:K * F].reshape(K, F)
+            for gg in range(g):
+                dn = dout[c0 + gg].reshape(F, L)
+                for l in range(L):
+                    row = dT[gg * L + l]
+                    for f in range(F):
+                        row[f] = dn[f, l]
+            if g == 1:
+                xs = x[c0].reshape(C, L)
             else:
-                np.dot(d, x[n].reshape(C, L).T, tmp)
-                acc += tmp
+                xs = xbuf[:C * K].reshape(C, K)
+                for gg in range(g):
+                    xn = x[c0 + gg].reshape(C, L)
+                    for c in range(C):
+                        xs[c, gg * L:(gg + 1) * L] = xn[c]
+            np.dot(xs, dT, tmp)
+            if c0 == n0:
+                for f in range(F):
+                    for c in range(C):
+                        acc[f, c] = tmp[c, f]
+            else:
+                for f in range(F):
+                    for c in range(C):
+                        acc[f, c] += tmp[c, f]
+        for n in range(n0, n1):
+            dn = dout[n].reshape(F, L)
             for f in range(F):
                 s = 0.0
                 for l in range(L):
-                    s += d[f, l]
+                    s += dn[f, l]
                 db_parts[p, f] += s
 
 
