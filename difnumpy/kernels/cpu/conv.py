@@ -16,8 +16,9 @@ Design (measured on the 2-core Xeon (Sapphire Rapids, AVX-512) dev machine, floa
   The GEMM then computes p wasted output columns per row (3.6 % at 28x28, 12.5 % at 8x8) that the
   bias/crop pass drops. Measured: the classic im2col (H copies of W) cost as much time as the GEMM
   itself (10.7 ms vs 15 ms at 32->32, 28x28); the wide copy costs ~1/8 of the GEMM.
-- 1x1 convs need no column matrix at all (the image rows *are* the columns); backward-input of 1x1 and
-  of "same" convs is a forward conv with the transposed / flipped weights (a gather, no scatter-add).
+- 1x1 convs need no column matrix at all (the image rows *are* the columns; the weight gradient gathers
+  several small images per GEMM); backward-input of 1x1 and of "same" convs is a forward conv with the
+  transposed / flipped weights (a gather, no scatter-add).
 - Other convs (the stride-2 Downsample) use a pixel-major column matrix built from an HWC copy of each
   image (one row per output pixel, KH contiguous runs of KW*C values) and the matching col2im for the
   input gradient; the channel-major im2col before it copied Wo values at a time (4 at 4x4 outputs).
