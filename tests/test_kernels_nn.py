@@ -2,6 +2,7 @@
 
 Small shapes only: compilation dominates; the checks themselves run in well under a second.
 """
+import numba
 import numpy as np
 import pytest
 
@@ -116,12 +117,34 @@ def test_winograd_conv_matches_reference_and_im2col(case, four, dtype, monkeypat
         _close(i, r, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case,four", [((1, 40, 27, 29, 40), False), ((2, 64, 28, 28, 64), False),
-                                       ((1, 64, 32, 32, 64), True)])
-def test_winograd_forward_in_bands_of_tile_rows(case, four, dtype, monkeypatch):
-    """Images whose tiles exceed the L2 budget are computed in bands of tile rows: the same result as the
-    reference and the same bits as one band per image (odd sizes: partial tiles at a band's last row)."""
+_BAND_CASES = [((1, 40, 27, 29, 40), False), ((2, 64, 28, 28, 64), False), ((1, 64, 32, 32, 64), True)]
+
+
+@numba.njit
+def _gemm(a, b, out):
+    np.dot(a, b, out)  # the BLAS the kernels call (numba's np.dot: scipy's), not NumPy's own
+
+
+def _blas_rows_invariant(dtype, M=210, K=40, F=40):
+    """Whether this BLAS computes each row of ``a @ b`` with the same bits whatever block of rows it is
+    given (rows split in halves, thirds, quarters). Not every OpenBLAS build does on every CPU: scipy
+    1.10's on an AMD EPYC (Zen 4) does not; scipy 1.17's there and both on the Xeon do."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal((K, F)).astype(dtype)
+    full = np.empty((M, F), dtype)
+    _gemm(a, b, full)
+    for step in (M // 2, M // 3, M // 4):
+        for r0 in range(0, M, step):
+            part = np.empty((min(step, M - r0), F), dtype)
+            _gemm(np.ascontiguousarray(a[r0:r0 + step]), b, part)
+            if not np.array_equal(part, full[r0:r0 + step]):
+                return False
+    return True
+
+
+def _banded_conv(case, four, dtype, monkeypatch):
+    """The case's forward conv and input gradient, computed in bands of tile rows (asserted), with its inputs."""
     N, C, H, W, F = case
     isz = np.dtype(dtype).itemsize
     _wino4_everywhere(monkeypatch, four)
@@ -133,11 +156,30 @@ def test_winograd_forward_in_bands_of_tile_rows(case, four, dtype, monkeypatch):
     w = rng.standard_normal((F, C, 3, 3)).astype(dtype)
     b = rng.standard_normal(F).astype(dtype)
     dout = rng.standard_normal((N, F, H, W)).astype(dtype)
-    got = cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1)
+    return (cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1)), (x, w, b, dout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,four", _BAND_CASES)
+def test_winograd_forward_in_bands_of_tile_rows(case, four, dtype, monkeypatch):
+    """Images whose tiles exceed the L2 budget are computed in bands of tile rows: the same result as the
+    reference (odd sizes: partial tiles at a band's last row)."""
+    got, (x, w, b, dout) = _banded_conv(case, four, dtype, monkeypatch)
     _close(got[0], ref.conv2d_forward(x, w, b, 1, 1), dtype)
     _close(got[1], ref.conv2d_backward_input(dout, w, x.shape, 1, 1), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,four", _BAND_CASES)
+def test_winograd_bands_give_the_bits_of_one_band(case, four, dtype, monkeypatch):
+    """Bands of tile rows give the same bits as one band per image, where the BLAS computes a GEMM's rows
+    alike in any block of rows (each band is a GEMM over fewer rows: the kernels add nothing else)."""
+    if not _blas_rows_invariant(dtype):
+        pytest.skip("this BLAS's GEMM rows depend on how many rows it is given")
+    got, (x, w, b, dout) = _banded_conv(case, four, dtype, monkeypatch)
+    N, C, H, W, F = case
     monkeypatch.setattr(cpu_wino, "_wino4_tiles" if four else "_wino_bands", lambda *a: 1 << 30 if four else 1)
-    assert cpu_wino._wino_plan(N, C, F, H, W, isz)[4] == 1
+    assert cpu_wino._wino_plan(N, C, F, H, W, np.dtype(dtype).itemsize)[4] == 1
     one_band = cpu.conv2d_forward(x, w, b, 1, 1), cpu.conv2d_backward_input(dout, w, x.shape, 1, 1)
     for g, o in zip(got, one_band):
         np.testing.assert_array_equal(g, o)
