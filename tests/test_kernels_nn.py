@@ -165,6 +165,7 @@ def test_winograd_forward_in_bands_of_tile_rows(case, four, dtype, monkeypatch):
     """Images whose tiles exceed the L2 budget are computed in bands of tile rows: the same result as the
     reference (odd sizes: partial tiles at a band's last row)."""
     got, (x, w, b, dout) = _banded_conv(case, four, dtype, monkeypatch)
+    assert got[0].shape == dout.shape and got[1].shape == x.shape and got[0].dtype == got[1].dtype == dtype
     _close(got[0], ref.conv2d_forward(x, w, b, 1, 1), dtype)
     _close(got[1], ref.conv2d_backward_input(dout, w, x.shape, 1, 1), dtype)
 
