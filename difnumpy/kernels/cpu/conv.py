@@ -161,9 +161,9 @@ def _conv1x1_bwd_weight_kernel(dout, x, dw_parts, db_parts, t, nthreads):
     db_parts[p, f] = sum of dout[n, f] over its images (float64). Thread ``t`` computes parts t, t + nt, ...
 
     Why this form: both GEMM operands row-major ("NN"); ``dout (F, K) @ x^T`` with x's K contiguous ("NT")
-    ran at 2/3 of the rate in OpenBLAS (F = 32, C = 96, K = 4096: 470 vs 285 us). dout, the smaller side in
-    the U-Net (F <= C), is the one transposed while it is gathered; x's rows are copied as they are (one
-    image: not copied). Several images per GEMM: at 4x4 one image gives K = 16. The whole weight gradient,
+    ran at 2/3 of the rate in OpenBLAS (F = 32, C = 96, K = 4096: 470 vs 285 us). dout is the one transposed
+    while it is gathered (the smaller side in two of the U-Net's three skip convs, 96 -> 32 and 128 -> 64);
+    x's rows are copied as they are (one image: not copied). Several images per GEMM: at 4x4 one image gives K = 16. The whole weight gradient,
     1 thread, before / after: 96 -> 32 at 28x28, 8 images 730 / 564 us; 32 -> 64 at 4x4, 64 images 148 / 108 us;
     128 -> 64 at 4x4 439 / 349 us; at 8x8 and 14x14 the same (530 / 532, 406 / 412 us).
     """
